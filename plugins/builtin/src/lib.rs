@@ -1,0 +1,16 @@
+//! Komilion's built-in plugins, one file each. Each has its own settings struct, validated
+//! when the chain is built, and is registered by name in [`builtin_registry`].
+
+pub mod request_id;
+pub mod static_key_auth;
+
+use komilion_sdk::PluginRegistry;
+
+/// The registry of every built-in plugin, by the name the config's `plugins:` list uses.
+pub fn builtin_registry() -> PluginRegistry {
+    let mut registry = PluginRegistry::new();
+    registry
+        .register(request_id::NAME, request_id::RequestIdHeaders::build)
+        .register(static_key_auth::NAME, static_key_auth::StaticKeyAuth::build);
+    registry
+}

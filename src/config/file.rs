@@ -1,0 +1,236 @@
+//! The config file's format. Field docs here are the reference for operators.
+
+use komilion_sdk::{settings_from, ConfigIssue, PluginSettings};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::Value as Json;
+
+/// The whole file. Each section, and each entry of a list, is read on its own so that one bad
+/// entry does not hide the problems of the others.
+#[derive(Debug, Clone, Default)]
+pub struct FileConfig {
+    pub server: ServerSection,
+    pub listen: ListenSection,
+    pub limits: LimitsSection,
+    /// Each provider with its position in the file (broken entries are left out).
+    pub providers: Vec<(usize, ProviderSection)>,
+    /// The plugin chain, in the order the hooks run.
+    pub plugins: Vec<PluginSection>,
+}
+
+impl FileConfig {
+    const SECTIONS: [&'static str; 5] = ["server", "listen", "limits", "providers", "plugins"];
+
+    pub fn from_json(json: &Json, issues: &mut Vec<ConfigIssue>) -> FileConfig {
+        let empty = serde_json::Map::new();
+        let obj = match json {
+            Json::Object(obj) => obj,
+            Json::Null => &empty,
+            _ => {
+                issues.push(ConfigIssue::new("", "the config must be a YAML mapping"));
+                &empty
+            }
+        };
+        for key in obj.keys().filter(|k| !Self::SECTIONS.contains(&k.as_str())) {
+            issues.push(ConfigIssue::new(key.as_str(), "unknown key"));
+        }
+        FileConfig {
+            server: section(obj, "server", issues),
+            listen: section(obj, "listen", issues),
+            limits: section(obj, "limits", issues),
+            providers: list(obj, "providers", issues),
+            plugins: list(obj, "plugins", issues)
+                .into_iter()
+                .map(|(_, p)| p)
+                .collect(),
+        }
+    }
+}
+
+/// A section; its default when it is absent or broken (the breakage is reported).
+fn section<T: DeserializeOwned + Default>(
+    obj: &serde_json::Map<String, Json>,
+    key: &str,
+    issues: &mut Vec<ConfigIssue>,
+) -> T {
+    match obj.get(key) {
+        None => T::default(),
+        Some(value) => settings_from(value).unwrap_or_else(|found| {
+            issues.extend(found.into_iter().map(|i| i.under(key)));
+            T::default()
+        }),
+    }
+}
+
+/// The good entries of a list section with their positions; each broken entry is reported.
+fn list<T: DeserializeOwned>(
+    obj: &serde_json::Map<String, Json>,
+    key: &str,
+    issues: &mut Vec<ConfigIssue>,
+) -> Vec<(usize, T)> {
+    match obj.get(key) {
+        None | Some(Json::Null) => Vec::new(),
+        Some(Json::Array(items)) => items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| match settings_from(item) {
+                Ok(v) => Some((i, v)),
+                Err(found) => {
+                    let at = format!("{key}[{i}]");
+                    issues.extend(found.into_iter().map(|issue| issue.under(&at)));
+                    None
+                }
+            })
+            .collect(),
+        Some(_) => {
+            issues.push(ConfigIssue::new(key, "must be a list"));
+            Vec::new()
+        }
+    }
+}
+
+/// Process settings, handed to Pingora.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ServerSection {
+    /// Worker threads of the gateway listener.
+    pub threads: usize,
+    /// Seconds a SIGTERM waits for in-flight requests before shutting runtimes down.
+    /// (Pingora's own default is 300 s; ours is short and explicit.)
+    pub grace_period_seconds: u64,
+    /// Seconds runtimes get to stop after the grace period.
+    pub graceful_shutdown_timeout_seconds: u64,
+    pub daemon: bool,
+    pub pid_file: String,
+    /// The socket the listeners are handed over on during a graceful upgrade (`-u`).
+    pub upgrade_sock: String,
+    pub error_log: Option<String>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    /// Idle upstream connections kept per process.
+    pub upstream_keepalive_pool_size: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            grace_period_seconds: 10,
+            graceful_shutdown_timeout_seconds: 5,
+            daemon: false,
+            pid_file: "/tmp/komilion.pid".into(),
+            upgrade_sock: "/tmp/komilion_upgrade.sock".into(),
+            error_log: None,
+            user: None,
+            group: None,
+            upstream_keepalive_pool_size: 256,
+        }
+    }
+}
+
+/// Listening addresses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ListenSection {
+    /// The API listeners (OpenAI and Anthropic surfaces).
+    pub gateway: Vec<String>,
+    /// `/metrics` and `/health`; leave out to disable.
+    pub metrics: Option<String>,
+}
+
+impl Default for ListenSection {
+    fn default() -> Self {
+        ListenSection {
+            gateway: vec!["0.0.0.0:8080".into()],
+            metrics: Some("127.0.0.1:9090".into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LimitsSection {
+    /// Largest request body accepted; larger ones get 413. Default 8 MiB.
+    pub max_body_bytes: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_body_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// Which wire protocol a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Openai,
+    Azure,
+    Anthropic,
+    Gemini,
+    Cohere,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::Azure => "azure",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gemini",
+            ProviderKind::Cohere => "cohere",
+        }
+    }
+}
+
+/// One upstream LLM provider.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProviderSection {
+    /// Unique name, used in `provider/model` references, metrics and usage records.
+    pub name: String,
+    pub kind: ProviderKind,
+    /// e.g. `https://api.openai.com/v1`; http or https.
+    pub base_url: String,
+    /// The provider's key; write `${ENV_VAR}` rather than the secret.
+    pub api_key: String,
+    /// Models served by this provider. A model listed by several providers is tried on each in
+    /// config order (the later ones are fallbacks).
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub timeouts: TimeoutsSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct TimeoutsSection {
+    /// TCP + TLS connect.
+    pub connect_ms: u64,
+    /// From sending the request to the response status line (long prompts and reasoning models
+    /// take minutes).
+    pub first_byte_ms: u64,
+    /// Longest silence between two reads of the response body.
+    pub idle_ms: u64,
+}
+
+impl Default for TimeoutsSection {
+    fn default() -> Self {
+        TimeoutsSection {
+            connect_ms: 5_000,
+            first_byte_ms: 600_000,
+            idle_ms: 300_000,
+        }
+    }
+}
+
+/// One entry of the plugin chain.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PluginSection {
+    /// The registry name of the plugin (`static_key_auth`, `request_id`, ...).
+    pub name: String,
+    /// The plugin's own settings, validated by the plugin.
+    #[serde(default)]
+    pub settings: PluginSettings,
+}

@@ -1,0 +1,336 @@
+//! The config file (`komilion.yaml`) and the validated config the gateway runs on.
+//!
+//! The file format ([`file`]) is not the internal config ([`Config`]): the file is parsed, `${ENV}`
+//! references are expanded, every section is checked, and only then is a [`Config`] built. Every
+//! problem is collected with its path, so an operator fixes a config in one pass.
+
+mod env;
+mod file;
+
+pub use file::{
+    FileConfig, LimitsSection, ListenSection, PluginSection, ProviderKind, ProviderSection,
+    ServerSection, TimeoutsSection,
+};
+
+use komilion_sdk::ConfigIssue;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+use url::Url;
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigIssue>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(f, "{n} config error{}:", if n == 1 { "" } else { "s" })?;
+        for issue in &self.0 {
+            writeln!(f, "  - {issue}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A provider, validated: its URL split into what a connection needs.
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// The base URL's path without a trailing slash, e.g. `/v1`.
+    pub base_path: String,
+    pub api_key: String,
+    pub models: Vec<String>,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// The validated config the gateway runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerSection,
+    pub listen: ListenSection,
+    pub max_body_bytes: usize,
+    pub providers: Vec<ProviderConfig>,
+    pub plugins: Vec<PluginSection>,
+}
+
+impl Config {
+    /// Read, expand and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigIssue::new(
+                "",
+                format!("cannot read {}: {e}", path.display()),
+            )])
+        })?;
+        Config::from_yaml(&text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parse a config from YAML text, looking `${ENV}` references up with `env`.
+    pub fn from_yaml(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        let yaml: serde_yaml::Value = serde_yaml::from_str(text)
+            .map_err(|e| ConfigErrors(vec![ConfigIssue::new("", format!("invalid YAML: {e}"))]))?;
+        let mut issues = Vec::new();
+        let json = env::to_json_expanding_env(yaml, "", env, &mut issues);
+        let file = FileConfig::from_json(&json, &mut issues);
+        let config = Config::validate(file, &mut issues);
+        if issues.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(issues))
+        }
+    }
+
+    fn validate(file: FileConfig, issues: &mut Vec<ConfigIssue>) -> Config {
+        if file.limits.max_body_bytes == 0 {
+            issues.push(ConfigIssue::new(
+                "limits.max_body_bytes",
+                "must be greater than 0",
+            ));
+        }
+        if file.listen.gateway.is_empty() {
+            issues.push(ConfigIssue::new(
+                "listen.gateway",
+                "at least one address is required",
+            ));
+        }
+        for (i, addr) in file.listen.gateway.iter().enumerate() {
+            check_addr(addr, &format!("listen.gateway[{i}]"), issues);
+        }
+        if let Some(addr) = &file.listen.metrics {
+            check_addr(addr, "listen.metrics", issues);
+        }
+        if file.server.threads == 0 {
+            issues.push(ConfigIssue::new("server.threads", "must be at least 1"));
+        }
+        let mut providers = Vec::with_capacity(file.providers.len());
+        for (i, p) in file.providers {
+            let at = format!("providers[{i}]");
+            if providers.iter().any(|o: &ProviderConfig| o.name == p.name) {
+                issues.push(ConfigIssue::new(
+                    format!("{at}.name"),
+                    format!("duplicate provider `{}`", p.name),
+                ));
+            }
+            if let Some(provider) = validate_provider(p, &at, issues) {
+                providers.push(provider);
+            }
+        }
+        for (i, plugin) in file.plugins.iter().enumerate() {
+            if plugin.name.trim().is_empty() {
+                issues.push(ConfigIssue::new(
+                    format!("plugins[{i}].name"),
+                    "must not be empty",
+                ));
+            }
+        }
+        Config {
+            server: file.server,
+            listen: file.listen,
+            max_body_bytes: file.limits.max_body_bytes as usize,
+            providers,
+            plugins: file.plugins,
+        }
+    }
+}
+
+fn check_addr(addr: &str, at: &str, issues: &mut Vec<ConfigIssue>) {
+    if addr.parse::<std::net::SocketAddr>().is_err() {
+        issues.push(ConfigIssue::new(
+            at,
+            format!("`{addr}` is not an address like 127.0.0.1:8080"),
+        ));
+    }
+}
+
+fn validate_provider(
+    p: ProviderSection,
+    at: &str,
+    issues: &mut Vec<ConfigIssue>,
+) -> Option<ProviderConfig> {
+    if p.name.is_empty() || p.name.contains('/') {
+        issues.push(ConfigIssue::new(
+            format!("{at}.name"),
+            "must be non-empty and contain no `/`",
+        ));
+    }
+    if p.kind != ProviderKind::Openai {
+        issues.push(ConfigIssue::new(
+            format!("{at}.kind"),
+            format!(
+                "provider kind `{}` is not supported yet (supported: openai)",
+                p.kind.as_str()
+            ),
+        ));
+    }
+    if p.api_key.is_empty() {
+        issues.push(ConfigIssue::new(
+            format!("{at}.api_key"),
+            "must not be empty",
+        ));
+    }
+    let url = match Url::parse(&p.base_url) {
+        Ok(url) => url,
+        Err(e) => {
+            issues.push(ConfigIssue::new(
+                format!("{at}.base_url"),
+                format!("invalid URL: {e}"),
+            ));
+            return None;
+        }
+    };
+    let tls = match url.scheme() {
+        "https" => true,
+        "http" => false,
+        other => {
+            issues.push(ConfigIssue::new(
+                format!("{at}.base_url"),
+                format!("scheme must be http or https, not {other}"),
+            ));
+            return None;
+        }
+    };
+    let Some(host) = url.host_str().filter(|h| !h.is_empty()) else {
+        issues.push(ConfigIssue::new(format!("{at}.base_url"), "has no host"));
+        return None;
+    };
+    if url.query().is_some() || !url.username().is_empty() {
+        issues.push(ConfigIssue::new(
+            format!("{at}.base_url"),
+            "must not carry a query or credentials",
+        ));
+    }
+    for (field, ms) in [
+        ("connect_ms", p.timeouts.connect_ms),
+        ("first_byte_ms", p.timeouts.first_byte_ms),
+        ("idle_ms", p.timeouts.idle_ms),
+    ] {
+        if ms == 0 {
+            issues.push(ConfigIssue::new(
+                format!("{at}.timeouts.{field}"),
+                "must be greater than 0",
+            ));
+        }
+    }
+    Some(ProviderConfig {
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port: url
+            .port_or_known_default()
+            .unwrap_or(if tls { 443 } else { 80 }),
+        base_path: url.path().trim_end_matches('/').to_owned(),
+        tls,
+        name: p.name,
+        kind: p.kind,
+        api_key: p.api_key,
+        models: p.models,
+        connect_timeout: Duration::from_millis(p.timeouts.connect_ms),
+        first_byte_timeout: Duration::from_millis(p.timeouts.first_byte_ms),
+        idle_timeout: Duration::from_millis(p.timeouts.idle_ms),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "OPENAI_KEY").then(|| "sk-upstream".to_owned())
+    }
+
+    const GOOD: &str = r#"
+listen:
+  gateway: ["127.0.0.1:8080"]
+  metrics: 127.0.0.1:9090
+providers:
+  - name: openai
+    kind: openai
+    base_url: https://api.openai.com/v1/
+    api_key: ${OPENAI_KEY}
+    models: [gpt-4o-mini]
+plugins:
+  - name: request_id
+"#;
+
+    #[test]
+    fn a_good_config_loads_with_env_expanded() {
+        let c = Config::from_yaml(GOOD, &env).unwrap();
+        let p = &c.providers[0];
+        assert_eq!(
+            (p.host.as_str(), p.port, p.tls, p.base_path.as_str()),
+            ("api.openai.com", 443, true, "/v1")
+        );
+        assert_eq!(p.api_key, "sk-upstream");
+        assert_eq!(c.max_body_bytes, 8 * 1024 * 1024);
+    }
+
+    #[test]
+    fn every_error_is_listed_with_its_path() {
+        let text = r#"
+listen:
+  gateway: ["nope"]
+limits:
+  max_body_bytes: 0
+  max_bdy: 1
+providers:
+  - name: a
+    kind: openai
+    base_url: ftp://x
+    api_key: ${MISSING_VAR}
+    colour: blue
+  - name: b
+    kind: gemini
+    base_url: http://localhost:1/v1
+    api_key: k
+typo: 1
+"#;
+        let errs = Config::from_yaml(text, &env).unwrap_err();
+        let paths: Vec<_> = errs.0.iter().map(|i| i.path.as_str()).collect();
+        for expected in [
+            "providers[0].api_key",
+            "limits.max_bdy",
+            "providers[0].colour",
+            "typo",
+        ] {
+            assert!(
+                paths.contains(&expected),
+                "{expected} missing from {paths:?}"
+            );
+        }
+        // A section with an unknown key is not validated further; the others are.
+        for expected in ["listen.gateway[0]", "providers[1].kind"] {
+            assert!(
+                paths.contains(&expected),
+                "{expected} missing from {paths:?}"
+            );
+        }
+        let text = text
+            .replace("  max_bdy: 1\n", "")
+            .replace("    colour: blue\n", "");
+        let errs = Config::from_yaml(&text, &env).unwrap_err();
+        let paths: Vec<_> = errs.0.iter().map(|i| i.path.as_str()).collect();
+        for expected in [
+            "limits.max_body_bytes",
+            "providers[0].base_url",
+            "providers[1].kind",
+        ] {
+            assert!(
+                paths.contains(&expected),
+                "{expected} missing from {paths:?}"
+            );
+        }
+    }
+}

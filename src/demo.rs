@@ -1,0 +1,229 @@
+//! `komilion demo`: the gateway on its embedded defaults, in front of the simulated provider,
+//! with a fresh demo key. Needs no external service and no network.
+
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::mock_provider::{Behavior, MockConfig, MockProvider};
+use crate::money::Usd;
+use crate::server::build_server;
+use pingora::server::configuration::Opt;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Default)]
+pub struct DemoOptions {
+    /// Print one JSON line when ready instead of the human instructions.
+    pub json: bool,
+    /// Gateway port; 8080, or a free port if 8080 is taken.
+    pub port: Option<u16>,
+    /// Metrics port; 9090, or a free port if taken.
+    pub metrics_port: Option<u16>,
+    /// Delay between streamed chunks of the simulated provider, to watch streaming happen.
+    pub chunk_delay_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("cannot start the simulated provider: {0}")]
+    Provider(std::io::Error),
+    #[error("no free port: {0}")]
+    Port(std::io::Error),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigErrors),
+    #[error(transparent)]
+    Build(#[from] crate::server::BuildError),
+}
+
+/// The port asked for, else the preferred one if free, else any free port.
+fn pick_port(asked: Option<u16>, preferred: u16) -> Result<u16, DemoError> {
+    if let Some(p) = asked {
+        return Ok(p);
+    }
+    if TcpListener::bind(("127.0.0.1", preferred)).is_ok() {
+        return Ok(preferred);
+    }
+    let l = TcpListener::bind(("127.0.0.1", 0)).map_err(DemoError::Port)?;
+    l.local_addr().map(|a| a.port()).map_err(DemoError::Port)
+}
+
+fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+/// The OpenAI models of the catalog: the ones the simulated OpenAI provider serves.
+fn demo_models(catalog: &Catalog) -> Vec<String> {
+    catalog
+        .models()
+        .iter()
+        .filter(|m| m.provider == "openai")
+        .map(|m| m.id.clone())
+        .collect()
+}
+
+/// Run the demo until the process is stopped.
+pub fn run(options: DemoOptions) -> Result<(), DemoError> {
+    let catalog = Catalog::embedded();
+    let models = demo_models(&catalog);
+    let provider_key = format!("sk-sim-{}", random_hex(16));
+    let mock = MockProvider::start_in_thread(
+        MockConfig {
+            api_key: Some(provider_key.clone()),
+            behavior: Behavior {
+                chunk_delay_ms: options.chunk_delay_ms,
+                ..Behavior::default()
+            },
+            models: models.clone(),
+        },
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        1,
+    )
+    .map_err(DemoError::Provider)?;
+
+    let port = pick_port(options.port, 8080)?;
+    let metrics_port = pick_port(options.metrics_port, 9090)?;
+    let demo_key = format!("sk-kml-demo-{}", random_hex(16));
+    let model_list = models
+        .iter()
+        .map(|m| format!("\"{m}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let yaml = format!(
+        r#"
+server:
+  threads: 2
+  grace_period_seconds: 1
+  graceful_shutdown_timeout_seconds: 1
+  pid_file: /tmp/komilion-demo-{port}.pid
+  upgrade_sock: /tmp/komilion-demo-{port}.sock
+listen:
+  gateway: ["127.0.0.1:{port}"]
+  metrics: "127.0.0.1:{metrics_port}"
+providers:
+  - name: openai
+    kind: openai
+    base_url: {base}
+    api_key: {provider_key}
+    models: [{model_list}]
+plugins:
+  - name: request_id
+  - name: static_key_auth
+    settings:
+      keys:
+        - {{name: demo, key: "{demo_key}"}}
+"#,
+        base = mock.base_url()
+    );
+    let config = Config::from_yaml(&yaml, &|_| None)?;
+    let server = build_server(&config, Opt::default())?;
+
+    let json = options.json;
+    std::thread::spawn(move || {
+        let gateway = SocketAddr::from(([127, 0, 0, 1], port));
+        let metrics = SocketAddr::from(([127, 0, 0, 1], metrics_port));
+        if !wait_ready(gateway, metrics, Duration::from_secs(30)) {
+            eprintln!("komilion demo: the gateway did not become ready within 30 s");
+            std::process::exit(1);
+        }
+        let base_url = format!("http://127.0.0.1:{port}/v1");
+        let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+        let mut out = std::io::stdout().lock();
+        if json {
+            let line = serde_json::json!({
+                "base_url": base_url,
+                "api_key": demo_key,
+                "metrics_url": metrics_url,
+                "health_url": format!("http://127.0.0.1:{metrics_port}/health"),
+                "models": models,
+            });
+            let _ = writeln!(out, "{line}");
+        } else {
+            let _ = write!(
+                out,
+                "{}",
+                instructions(&base_url, &demo_key, &metrics_url, &catalog, &models)
+            );
+        }
+        let _ = out.flush();
+        drop(mock);
+        // The provider thread keeps serving; this thread is done.
+    });
+    server.run_forever()
+}
+
+/// Both listeners accept connections and `/health` answers 200.
+fn wait_ready(gateway: SocketAddr, metrics: SocketAddr, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let up = TcpStream::connect_timeout(&gateway, Duration::from_millis(200)).is_ok()
+            && health_ok(metrics);
+        if up {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn health_ok(metrics: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&metrics, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 200")
+}
+
+fn instructions(
+    base_url: &str,
+    key: &str,
+    metrics_url: &str,
+    catalog: &Catalog,
+    models: &[String],
+) -> String {
+    let mut prices = String::new();
+    for m in models.iter().filter_map(|m| catalog.get(m)) {
+        prices.push_str(&format!(
+            "    {:<14} ${} in / ${} out per 1M tokens\n",
+            m.id,
+            Usd(m.price.input),
+            Usd(m.price.output)
+        ));
+    }
+    format!(
+        r#"Komilion demo is ready: the gateway in front of a simulated OpenAI provider (no network needed).
+
+  base_url  {base_url}
+  api_key   {key}
+  metrics   {metrics_url}
+
+  models (real names and prices; the answers are simulated):
+{prices}
+Try it with curl:
+
+  curl {base_url}/chat/completions \
+    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \
+    -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hello!"}}]}}' -i
+
+Or with the official Python SDK (pip install openai):
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{base_url}", api_key="{key}")
+  reply = client.chat.completions.create(
+      model="gpt-4o-mini", messages=[{{"role": "user", "content": "Hello!"}}])
+  print(reply.choices[0].message.content)
+  for chunk in client.chat.completions.create(
+          model="gpt-4o-mini", stream=True, messages=[{{"role": "user", "content": "Stream, please"}}]):
+      print(chunk.choices[0].delta.content or "", end="", flush=True)
+
+Press Ctrl-C to stop.
+"#
+    )
+}

@@ -1,0 +1,19 @@
+//! Komilion, an LLM gateway on Pingora.
+//!
+//! Modules follow the request flow (DESIGN.md §1): [`config`] is read at start; [`proxy`]
+//! drives each request through the [`chain`] of plugins, the [`router`] and the [`upstream`]
+//! providers, parsing streams with [`sse`]; [`metrics`] records it all. [`mock_provider`] is
+//! the simulated LLM provider used by tests, benches and [`demo`].
+
+pub mod catalog;
+pub mod chain;
+pub mod config;
+pub mod demo;
+pub mod metrics;
+pub mod mock_provider;
+pub mod money;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod sse;
+pub mod upstream;

@@ -1,0 +1,160 @@
+//! Prometheus metrics (all prefixed `komilion_`) and the metrics listener (`/metrics`, `/health`).
+//!
+//! Metrics live in Prometheus' default registry, so anything else in the process that registers
+//! there (Pingora's own metrics included) shows up on the same page.
+
+use async_trait::async_trait;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use prometheus::{
+    register_histogram_vec, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
+    Encoder, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, TextEncoder,
+};
+use std::sync::LazyLock;
+
+pub struct Metrics {
+    /// Finished requests by route, provider, model and final status.
+    pub requests: IntCounterVec,
+    /// Whole-request duration as the client saw it.
+    pub request_duration: HistogramVec,
+    /// Time spent in the gateway itself: total minus upstream and client waits.
+    pub overhead: HistogramVec,
+    /// From sending the request upstream to its status line.
+    pub upstream_ttfb: HistogramVec,
+    pub in_flight: IntGauge,
+    /// Failed upstream attempts by provider and kind (connect, timeout, status_429, status_5xx,
+    /// reset, bad_response).
+    pub upstream_errors: IntCounterVec,
+    /// Attempts abandoned for the next candidate.
+    pub fallbacks: IntCounterVec,
+    /// Requests answered by a plugin (auth failures, limits, cache hits) by plugin and status.
+    pub plugin_responses: IntCounterVec,
+    pub build_info: IntGaugeVec,
+}
+
+/// Seconds buckets from 10 µs to 2.5 s, for the gateway's own overhead.
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+    0.25, 1.0, 2.5,
+];
+/// Seconds buckets from 5 ms to 10 min, for LLM latencies.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0,
+    600.0,
+];
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    // Registration only fails for a duplicate name, a bug caught by the first test run.
+    let m = Metrics {
+        requests: register_int_counter_vec!(
+            "komilion_requests_total",
+            "Finished requests by route, provider, model and status.",
+            &["route", "provider", "model", "status"]
+        )
+        .expect("register komilion_requests_total"),
+        request_duration: register_histogram_vec!(
+            "komilion_request_duration_seconds",
+            "Request duration as the client saw it.",
+            &["route"],
+            LATENCY_BUCKETS.to_vec()
+        )
+        .expect("register komilion_request_duration_seconds"),
+        overhead: register_histogram_vec!(
+            "komilion_gateway_overhead_seconds",
+            "Time spent in the gateway itself (total minus upstream and client waits).",
+            &["route"],
+            OVERHEAD_BUCKETS.to_vec()
+        )
+        .expect("register komilion_gateway_overhead_seconds"),
+        upstream_ttfb: register_histogram_vec!(
+            "komilion_upstream_ttfb_seconds",
+            "Upstream time to first byte (request sent to status line).",
+            &["provider"],
+            LATENCY_BUCKETS.to_vec()
+        )
+        .expect("register komilion_upstream_ttfb_seconds"),
+        in_flight: register_int_gauge!("komilion_requests_in_flight", "Requests being processed.")
+            .expect("register komilion_requests_in_flight"),
+        upstream_errors: register_int_counter_vec!(
+            "komilion_upstream_errors_total",
+            "Failed upstream attempts by provider and kind.",
+            &["provider", "kind"]
+        )
+        .expect("register komilion_upstream_errors_total"),
+        fallbacks: register_int_counter_vec!(
+            "komilion_fallbacks_total",
+            "Upstream attempts abandoned for the next candidate, by the provider left.",
+            &["provider"]
+        )
+        .expect("register komilion_fallbacks_total"),
+        plugin_responses: register_int_counter_vec!(
+            "komilion_plugin_responses_total",
+            "Requests answered by a plugin instead of an upstream.",
+            &["plugin", "status"]
+        )
+        .expect("register komilion_plugin_responses_total"),
+        build_info: register_int_gauge_vec!(
+            "komilion_build_info",
+            "Build information.",
+            &["version"]
+        )
+        .expect("register komilion_build_info"),
+    };
+    m.build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    m
+});
+
+/// Decrements the in-flight gauge however the request ends (even if its task is dropped).
+pub struct InFlight(());
+
+impl InFlight {
+    pub fn enter() -> InFlight {
+        METRICS.in_flight.inc();
+        InFlight(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        METRICS.in_flight.dec();
+    }
+}
+
+/// The metrics listener: `GET /metrics` (Prometheus text format) and `GET /health`.
+pub struct MetricsApp;
+
+#[async_trait]
+impl ServeHttp for MetricsApp {
+    async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
+        LazyLock::force(&METRICS);
+        let path = session.req_header().uri.path();
+        let (status, content_type, body) = match path {
+            "/metrics" => {
+                let mut body = Vec::with_capacity(16 * 1024);
+                let encoder = TextEncoder::new();
+                match encoder.encode(&prometheus::gather(), &mut body) {
+                    Ok(()) => (200, encoder.format_type().to_owned(), body),
+                    Err(e) => (500, "text/plain".to_owned(), e.to_string().into_bytes()),
+                }
+            }
+            "/health" => (
+                200,
+                "application/json".to_owned(),
+                br#"{"status":"ok"}"#.to_vec(),
+            ),
+            _ => (
+                404,
+                "application/json".to_owned(),
+                br#"{"error":"not found"}"#.to_vec(),
+            ),
+        };
+        http::Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .header("content-length", body.len())
+            .body(body)
+            .unwrap_or_default()
+    }
+}

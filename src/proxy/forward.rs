@@ -1,0 +1,435 @@
+//! Steps 6 and 7 of the flow: send the request to each candidate in turn, and relay the answer.
+//!
+//! An attempt is abandoned for the next candidate when it fails before anything reached the
+//! client: no address, connect failure, timeout, a 429 or 5xx status, or a connection lost
+//! before the first body bytes. Once the first byte of an answer went to the client, the
+//! gateway is committed to that upstream; if it dies mid-stream the client's stream is ended
+//! cleanly with an error event, never left hanging.
+
+use super::stream::StreamRelay;
+use super::{Gateway, RequestCtx};
+use crate::metrics::METRICS;
+use crate::upstream::Upstream;
+use bytes::{Bytes, BytesMut};
+use komilion_sdk::{
+    ApiError, AttemptDecision, ChatRequest, ErrorKind, LocalResponse, RoutePlan, Surface, Timing,
+};
+use pingora::http::RequestHeader;
+use pingora::protocols::http::client::HttpSession;
+use pingora::proxy::Session;
+use pingora::upstreams::peer::HttpPeer;
+use std::time::{Duration, Instant};
+
+/// Largest non-streamed upstream answer accepted (they are buffered to be checked whole).
+const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
+/// How long a pooled connection may idle after being released.
+const POOL_IDLE: Duration = Duration::from_secs(60);
+/// Times a request is re-sent when a pooled connection turns out to be closed.
+const STALE_RETRIES: usize = 2;
+
+/// Why an attempt failed before anything reached the client.
+#[derive(Debug)]
+enum AttemptError {
+    NoAddress,
+    Connect(Box<pingora::Error>),
+    Timeout,
+    Lost(Box<pingora::Error>),
+    TooLarge,
+}
+
+impl AttemptError {
+    /// The `kind` label of `komilion_upstream_errors_total`.
+    fn kind(&self) -> &'static str {
+        match self {
+            AttemptError::NoAddress => "no_address",
+            AttemptError::Connect(e) if e.etype() == &pingora::ErrorType::ConnectTimedout => {
+                "timeout"
+            }
+            AttemptError::Connect(_) => "connect",
+            AttemptError::Timeout => "timeout",
+            AttemptError::Lost(_) => "reset",
+            AttemptError::TooLarge => "bad_response",
+        }
+    }
+
+    fn to_api_error(&self, provider: &str) -> ApiError {
+        match self {
+            AttemptError::NoAddress => ApiError::new(
+                ErrorKind::BadGateway,
+                format!("The provider `{provider}` has no resolvable address."),
+            )
+            .with_code("upstream_unreachable"),
+            AttemptError::Connect(e) if e.etype() == &pingora::ErrorType::ConnectTimedout => {
+                ApiError::new(ErrorKind::GatewayTimeout, format!("Connecting to the provider `{provider}` timed out."))
+                    .with_code("upstream_timeout")
+            }
+            AttemptError::Connect(_) => {
+                ApiError::new(ErrorKind::BadGateway, format!("The provider `{provider}` could not be reached."))
+                    .with_code("upstream_unreachable")
+            }
+            AttemptError::Timeout => {
+                ApiError::new(ErrorKind::GatewayTimeout, format!("The provider `{provider}` did not answer in time."))
+                    .with_code("upstream_timeout")
+            }
+            AttemptError::Lost(e) => ApiError::new(
+                ErrorKind::BadGateway,
+                format!(
+                    "The connection to the provider `{provider}` was lost before its answer was complete ({}).",
+                    e.etype().as_str()
+                ),
+            )
+            .with_code("upstream_connection_lost"),
+            AttemptError::TooLarge => {
+                ApiError::new(ErrorKind::BadGateway, format!("The provider `{provider}` sent an oversized answer."))
+                    .with_code("bad_upstream_response")
+            }
+        }
+    }
+}
+
+/// What an attempt produced.
+enum Answer {
+    /// A complete non-streamed answer (JSON, or an error of any status).
+    Whole {
+        status: u16,
+        content_type: String,
+        body: Bytes,
+    },
+    /// A stream that has started: its first bytes and the open connection.
+    Stream {
+        content_type: String,
+        first: Bytes,
+        http: HttpSession,
+        peer: HttpPeer,
+    },
+}
+
+/// Statuses worth trying another candidate for.
+fn should_fall_back(status: u16) -> bool {
+    status == 429 || status >= 500
+}
+
+impl Gateway {
+    pub(super) async fn forward(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        chat: &mut ChatRequest,
+        plan: &RoutePlan,
+    ) -> Result<(), LocalResponse> {
+        let mut last_error = None;
+        let total = plan.candidates.len();
+        for (i, candidate) in plan.candidates.iter().enumerate() {
+            let is_last = i + 1 == total;
+            let Some(upstream) = self.upstreams.get(&candidate.provider) else {
+                last_error = Some(ApiError::new(
+                    ErrorKind::BadGateway,
+                    format!("Unknown provider `{}`.", candidate.provider),
+                ));
+                continue;
+            };
+            if self.chain.on_attempt(candidate, &mut ctx.exchange).await == AttemptDecision::Skip {
+                continue;
+            }
+            ctx.exchange.attempts += 1;
+            ctx.exchange.provider = Some(candidate.provider.clone());
+            ctx.exchange.routed_model = Some(candidate.model.clone());
+            chat.set_upstream_model(&candidate.model);
+            let body = chat.upstream_body();
+            let answer = match self
+                .attempt(upstream, chat.stream, body, &mut ctx.exchange.timing)
+                .await
+            {
+                Ok(answer) => answer,
+                Err(e) => {
+                    METRICS
+                        .upstream_errors
+                        .with_label_values(&[upstream.name(), e.kind()])
+                        .inc();
+                    tracing::debug!(provider = upstream.name(), request_id = %ctx.exchange.request_id, "attempt failed: {e:?}");
+                    if !is_last {
+                        METRICS
+                            .fallbacks
+                            .with_label_values(&[upstream.name()])
+                            .inc();
+                    }
+                    last_error = Some(e.to_api_error(upstream.name()));
+                    continue;
+                }
+            };
+            let status = match &answer {
+                Answer::Whole { status, .. } => *status,
+                Answer::Stream { .. } => 200,
+            };
+            self.chain
+                .on_upstream_status(candidate, status, &mut ctx.exchange);
+            if should_fall_back(status) {
+                let kind = if status == 429 {
+                    "status_429"
+                } else {
+                    "status_5xx"
+                };
+                METRICS
+                    .upstream_errors
+                    .with_label_values(&[upstream.name(), kind])
+                    .inc();
+                if !is_last {
+                    METRICS
+                        .fallbacks
+                        .with_label_values(&[upstream.name()])
+                        .inc();
+                    continue;
+                }
+            }
+            match answer {
+                Answer::Whole {
+                    status,
+                    content_type,
+                    body,
+                } => {
+                    self.send_body(session, ctx, status, &content_type, body)
+                        .await;
+                }
+                Answer::Stream {
+                    content_type,
+                    first,
+                    http,
+                    peer,
+                } => {
+                    self.relay_stream(session, ctx, upstream, &content_type, first, http, peer)
+                        .await;
+                }
+            }
+            return Ok(());
+        }
+        Err(last_error
+            .unwrap_or_else(|| {
+                ApiError::new(ErrorKind::BadGateway, "No upstream could take the request.")
+                    .with_code("no_upstream")
+            })
+            .into())
+    }
+
+    /// Send the request and read enough of the answer to know it is good: the whole body, or
+    /// the first piece of a stream.
+    async fn attempt(
+        &self,
+        upstream: &Upstream,
+        stream: bool,
+        body: Bytes,
+        timing: &mut Timing,
+    ) -> Result<Answer, AttemptError> {
+        let peer = upstream.peer().ok_or(AttemptError::NoAddress)?;
+        let started = Instant::now();
+        let sent = self.send(upstream, &peer, stream, body).await;
+        let ttfb = started.elapsed();
+        timing.upstream_wait += ttfb;
+        let mut http = sent?;
+        timing.upstream_first_byte = Some(Instant::now().saturating_duration_since(timing.started));
+        METRICS
+            .upstream_ttfb
+            .with_label_values(&[upstream.name()])
+            .observe(ttfb.as_secs_f64());
+
+        let (status, content_type) = match http.response_header() {
+            Some(h) => (
+                h.status.as_u16(),
+                h.headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("application/json")
+                    .to_owned(),
+            ),
+            None => {
+                return Err(AttemptError::Lost(pingora::Error::explain(
+                    pingora::ErrorType::InvalidHTTPHeader,
+                    "no response header",
+                )))
+            }
+        };
+        let idle = upstream.config.idle_timeout;
+        if status == 200 && content_type.starts_with("text/event-stream") {
+            let first = read_piece(&mut http, idle, timing)
+                .await?
+                .unwrap_or_default();
+            return Ok(Answer::Stream {
+                content_type,
+                first,
+                http,
+                peer,
+            });
+        }
+        let mut buf = BytesMut::new();
+        while let Some(piece) = read_piece(&mut http, idle, timing).await? {
+            if buf.len() + piece.len() > MAX_UPSTREAM_BODY {
+                return Err(AttemptError::TooLarge);
+            }
+            buf.extend_from_slice(&piece);
+        }
+        self.release(http, &peer).await;
+        Ok(Answer::Whole {
+            status,
+            content_type,
+            body: buf.freeze(),
+        })
+    }
+
+    /// Connect (or reuse a pooled connection), send the request and read the status line.
+    async fn send(
+        &self,
+        upstream: &Upstream,
+        peer: &HttpPeer,
+        stream: bool,
+        body: Bytes,
+    ) -> Result<HttpSession, AttemptError> {
+        let ttfb = upstream.config.first_byte_timeout;
+        let mut round = 0;
+        loop {
+            let (mut http, reused) = self
+                .connector
+                .get_http_session(peer)
+                .await
+                .map_err(AttemptError::Connect)?;
+            let header = upstream_request_header(upstream, body.len(), stream);
+            let exchange = async {
+                http.write_request_header(header).await?;
+                http.write_request_body(body.clone(), true).await?;
+                http.finish_request_body().await?;
+                http.read_response_header().await
+            };
+            match tokio::time::timeout(ttfb, exchange).await {
+                Ok(Ok(())) => return Ok(http),
+                Err(_) => return Err(AttemptError::Timeout),
+                // A pooled connection the provider had already closed: nothing was processed,
+                // so sending again on a fresh one is safe.
+                Ok(Err(_)) if reused && round < STALE_RETRIES => round += 1,
+                Ok(Err(e)) => return Err(AttemptError::Lost(e)),
+            }
+        }
+    }
+
+    async fn release(&self, mut http: HttpSession, peer: &HttpPeer) {
+        if http.response_done() {
+            self.connector
+                .release_http_session(http, peer, Some(POOL_IDLE))
+                .await;
+        }
+    }
+
+    /// Relay a started stream to the client until it ends, the upstream dies or the client goes.
+    #[allow(clippy::too_many_arguments)]
+    async fn relay_stream(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        upstream: &Upstream,
+        content_type: &str,
+        first: Bytes,
+        mut http: HttpSession,
+        peer: HttpPeer,
+    ) {
+        let Some(mut resp) = self.response_header(ctx, 200, content_type) else {
+            return;
+        };
+        let _ = resp.insert_header(http::header::CACHE_CONTROL, "no-cache");
+        ctx.status = 200;
+        if session.write_response_header(resp, false).await.is_err() {
+            ctx.client_gone = true;
+            return;
+        }
+        let mut relay = StreamRelay::new(self.chain.wants_events());
+        let mut piece = Some(first);
+        loop {
+            if let Some(chunk) = piece.take() {
+                if let Some(out) = relay.feed(chunk, &self.chain, &mut ctx.exchange) {
+                    if session.write_response_body(Some(out), false).await.is_err() {
+                        // The client left: dropping the upstream connection stops the generation.
+                        ctx.client_gone = true;
+                        return;
+                    }
+                }
+            }
+            match read_piece(
+                &mut http,
+                upstream.config.idle_timeout,
+                &mut ctx.exchange.timing,
+            )
+            .await
+            {
+                Ok(Some(chunk)) => piece = Some(chunk),
+                Ok(None) => {
+                    let rest = relay.finish();
+                    let done = if rest.is_empty() { None } else { Some(rest) };
+                    if session.write_response_body(done, true).await.is_err() {
+                        ctx.client_gone = true;
+                    }
+                    self.release(http, &peer).await;
+                    return;
+                }
+                Err(e) => {
+                    METRICS
+                        .upstream_errors
+                        .with_label_values(&[upstream.name(), e.kind()])
+                        .inc();
+                    tracing::warn!(provider = upstream.name(), request_id = %ctx.exchange.request_id, "stream ended early: {e:?}");
+                    let event =
+                        stream_error_event(&e.to_api_error(upstream.name()), ctx.exchange.surface);
+                    if session
+                        .write_response_body(Some(event), true)
+                        .await
+                        .is_err()
+                    {
+                        ctx.client_gone = true;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Read the next piece of the upstream body within the idle timeout.
+async fn read_piece(
+    http: &mut HttpSession,
+    idle: Duration,
+    timing: &mut Timing,
+) -> Result<Option<Bytes>, AttemptError> {
+    let started = Instant::now();
+    let read = tokio::time::timeout(idle, http.read_response_body()).await;
+    timing.upstream_wait += started.elapsed();
+    match read {
+        Ok(Ok(piece)) => Ok(piece),
+        Ok(Err(e)) => Err(AttemptError::Lost(e)),
+        Err(_) => Err(AttemptError::Timeout),
+    }
+}
+
+/// The request header for one attempt: the provider's template plus this body's length.
+fn upstream_request_header(
+    upstream: &Upstream,
+    body_len: usize,
+    stream: bool,
+) -> Box<RequestHeader> {
+    let mut req = upstream.chat_request.clone();
+    let accept = if stream {
+        "text/event-stream"
+    } else {
+        "application/json"
+    };
+    let _ = req.insert_header(http::header::ACCEPT, accept);
+    let _ = req.insert_header(http::header::CONTENT_LENGTH, body_len);
+    Box::new(req)
+}
+
+/// The last event of a stream whose upstream died: the client's SDK raises it as an API error.
+fn stream_error_event(error: &ApiError, surface: Surface) -> Bytes {
+    let json = error.render(surface);
+    let mut out = Vec::with_capacity(json.len() + 24);
+    match surface {
+        Surface::OpenAi => out.extend_from_slice(b"data: "),
+        Surface::Anthropic => out.extend_from_slice(b"event: error\ndata: "),
+    }
+    out.extend_from_slice(&json);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}

@@ -1,0 +1,261 @@
+//! The gateway's `ProxyHttp` implementation: the request flow of DESIGN.md §1.
+//!
+//! ```text
+//! request_filter ── route ── on_headers ── read body ── parse ── on_body ── plan ── on_route
+//!                                                                                    │
+//!                         forward: for each candidate: on_attempt, send, status ─────┘
+//!                         relay: stream back (on_event per event), or buffer JSON
+//! logging ── metrics, on_complete (runs on every path)
+//! ```
+//!
+//! Every route answers from `request_filter` and returns `Ok(true)`: LLM routes need the whole
+//! body before choosing an upstream, which stock Pingora cannot replay past 64 KiB, so the
+//! upstream exchange is driven here with Pingora's pooled connector (`forward.rs`).
+
+mod body;
+mod forward;
+mod respond;
+mod route;
+mod stream;
+
+pub use route::Route;
+
+use crate::chain::PluginChain;
+use crate::metrics::{InFlight, METRICS};
+use crate::router::ModelTable;
+use crate::upstream::Upstreams;
+use async_trait::async_trait;
+use bytes::Bytes;
+use komilion_sdk::{ApiError, ChatRequest, ErrorKind, Exchange, LocalResponse, RequestView};
+use pingora::connectors::http::Connector;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The gateway service: shared by every request of the listener.
+pub struct Gateway {
+    pub chain: PluginChain,
+    pub upstreams: Arc<Upstreams>,
+    pub models: ModelTable,
+    pub connector: Connector,
+    pub max_body_bytes: usize,
+}
+
+/// Per-request state (Pingora's CTX).
+pub struct RequestCtx {
+    pub exchange: Exchange,
+    pub route: Route,
+    /// The status written to the client (0 until a header went out).
+    pub status: u16,
+    /// Which plugin answered the request, if one did.
+    pub answered_by: Option<&'static str>,
+    /// The client went away before the response was complete.
+    pub client_gone: bool,
+    _in_flight: InFlight,
+}
+
+/// A time-ordered request id: 48 bits of milliseconds then 80 random bits, as 32 hex digits.
+/// Time order keeps usage-table inserts at the end of the index.
+pub fn new_request_id() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let random: u128 = rand::random();
+    let id = ((ms as u128 & 0xffff_ffff_ffff) << 80) | (random & ((1u128 << 80) - 1));
+    format!("{id:032x}")
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            exchange: Exchange::new(new_request_id(), Default::default(), Instant::now()),
+            route: Route::NotFound,
+            status: 0,
+            answered_by: None,
+            client_gone: false,
+            _in_flight: InFlight::enter(),
+        }
+    }
+
+    /// Never reached: every route answers in `request_filter`.
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        Err(pingora::Error::explain(
+            pingora::ErrorType::InternalError,
+            "no stock upstream path",
+        ))
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
+        let header = session.req_header();
+        ctx.route = Route::of(&header.method, header.uri.path());
+        ctx.exchange.surface = ctx.route.surface();
+        let outcome = match ctx.route {
+            Route::ChatCompletions => self.chat_completions(session, ctx).await,
+            Route::Models => self.list_models(session, ctx).await,
+            Route::MethodNotAllowed(allow) => Err(ApiError::new(
+                ErrorKind::MethodNotAllowed,
+                format!("This route only accepts {allow}."),
+            )
+            .into()),
+            Route::NotFound => Err(ApiError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "Unknown route {} {}.",
+                    session.req_header().method,
+                    session.req_header().uri.path()
+                ),
+            )
+            .with_code("unknown_route")
+            .into()),
+        };
+        if let Err(response) = outcome {
+            self.send_local(session, ctx, response).await;
+        }
+        Ok(true)
+    }
+
+    async fn logging(
+        &self,
+        session: &mut Session,
+        _e: Option<&pingora::Error>,
+        ctx: &mut RequestCtx,
+    ) {
+        let status = if ctx.status != 0 {
+            ctx.status
+        } else {
+            session.response_written().map_or(0, |r| r.status.as_u16())
+        };
+        let now = Instant::now();
+        let route = ctx.route.label();
+        let ex = &ctx.exchange;
+        let mut status_buf = itoa::Buffer::new();
+        METRICS
+            .requests
+            .with_label_values(&[
+                route,
+                ex.provider.as_deref().unwrap_or(""),
+                ex.routed_model.as_deref().unwrap_or(""),
+                status_buf.format(status),
+            ])
+            .inc();
+        METRICS
+            .request_duration
+            .with_label_values(&[route])
+            .observe(
+                now.saturating_duration_since(ex.timing.started)
+                    .as_secs_f64(),
+            );
+        METRICS
+            .overhead
+            .with_label_values(&[route])
+            .observe(ex.timing.overhead(now).as_secs_f64());
+        if let Some(plugin) = ctx.answered_by {
+            METRICS
+                .plugin_responses
+                .with_label_values(&[plugin, status_buf.format(status)])
+                .inc();
+        }
+        self.chain.on_complete(ex, status).await;
+    }
+}
+
+impl Gateway {
+    fn request_view(session: &Session) -> RequestView {
+        let header = session.req_header();
+        let mut view = RequestView::new(
+            header.method.clone(),
+            header.uri.path(),
+            header.headers.clone(),
+        );
+        view.client_addr = session.client_addr().and_then(|a| a.as_inet()).copied();
+        view
+    }
+
+    /// Run `on_headers`; a refusal is answered as the plugin's response.
+    async fn authorize(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<RequestView, LocalResponse> {
+        let view = Gateway::request_view(session);
+        if let Err(stop) = self.chain.on_headers(&view, &mut ctx.exchange).await {
+            ctx.answered_by = Some(stop.plugin);
+            // The body is left unread: don't let a client that is still sending it reuse the
+            // connection.
+            session.set_keepalive(None);
+            return Err(stop.response);
+        }
+        Ok(view)
+    }
+
+    async fn chat_completions(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<(), LocalResponse> {
+        let view = self.authorize(session, ctx).await?;
+        let raw =
+            match body::read_body(session, self.max_body_bytes, &mut ctx.exchange.timing).await {
+                Ok(raw) => raw,
+                Err(body::BodyError::TooLarge(e)) => return Err(e.into()),
+                Err(body::BodyError::ClientGone) => {
+                    ctx.client_gone = true;
+                    session.set_keepalive(None);
+                    return Ok(());
+                }
+            };
+        let mut chat = ChatRequest::parse(raw).map_err(ApiError::from)?;
+        ctx.exchange.requested_model = Some(chat.model.clone());
+        ctx.exchange.stream = chat.stream;
+        if let Err(stop) = self
+            .chain
+            .on_body(&view, &mut chat, &mut ctx.exchange)
+            .await
+        {
+            ctx.answered_by = Some(stop.plugin);
+            return Err(stop.response);
+        }
+        let mut plan = self
+            .models
+            .plan(&chat.model, ctx.exchange.principal.as_ref())?;
+        if let Err(stop) = self
+            .chain
+            .on_route(&chat, &mut plan, &mut ctx.exchange)
+            .await
+        {
+            ctx.answered_by = Some(stop.plugin);
+            return Err(stop.response);
+        }
+        self.forward(session, ctx, &mut chat, &plan).await
+    }
+
+    async fn list_models(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<(), LocalResponse> {
+        self.authorize(session, ctx).await?;
+        let data: Vec<serde_json::Value> = self
+            .models
+            .list(ctx.exchange.principal.as_ref())
+            .map(|(id, provider)| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": provider}))
+            .collect();
+        let body = serde_json::to_vec(&serde_json::json!({"object": "list", "data": data}))
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        self.send_body(session, ctx, 200, "application/json", Bytes::from(body))
+            .await;
+        Ok(())
+    }
+}
