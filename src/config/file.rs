@@ -95,6 +95,9 @@ fn list<T: DeserializeOwned>(
 pub struct ServerSection {
     /// Worker threads of the gateway listener.
     pub threads: usize,
+    /// Let idle worker threads steal tasks from busy ones (a tokio multi-thread runtime). Off,
+    /// each thread runs its own single-threaded runtime: lower latency per hop, less balance.
+    pub work_stealing: bool,
     /// Seconds a SIGTERM waits for in-flight requests before shutting runtimes down.
     /// (Pingora's own default is 300 s; ours is short and explicit.)
     pub grace_period_seconds: u64,
@@ -115,6 +118,7 @@ impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            work_stealing: true,
             grace_period_seconds: 10,
             graceful_shutdown_timeout_seconds: 5,
             daemon: false,

@@ -59,41 +59,97 @@ pub async fn read_body(
     }
     session.set_read_timeout(Some(BODY_READ_TIMEOUT));
 
-    // Most bodies arrive in one piece: keep it as is. Copy only when there are several.
-    let mut first: Option<Bytes> = None;
-    let mut rest: Option<BytesMut> = None;
+    let mut body = BodyBuffer::new(limit, declared.unwrap_or(0));
     loop {
         let started = Instant::now();
         let piece = session.read_request_body().await;
         timing.client_wait += started.elapsed();
-        let piece = match piece {
-            Ok(Some(piece)) => piece,
-            Ok(None) => break,
-            Err(_) => return Err(BodyError::ClientGone),
-        };
-        let so_far = rest.as_ref().map_or(0, |b| b.len()) + first.as_ref().map_or(0, |b| b.len());
-        if so_far + piece.len() > limit {
-            session.set_keepalive(None);
-            return Err(too_large(limit));
-        }
-        match (&mut first, &mut rest) {
-            (None, None) => first = Some(piece),
-            (Some(_), None) => {
-                let mut buf = BytesMut::with_capacity(
-                    declared.unwrap_or(so_far + piece.len() * 2).min(limit),
-                );
-                if let Some(f) = first.take() {
-                    buf.extend_from_slice(&f);
+        match piece {
+            Ok(Some(piece)) => {
+                if body.push(piece).is_err() {
+                    session.set_keepalive(None);
+                    return Err(too_large(limit));
                 }
-                buf.extend_from_slice(&piece);
-                rest = Some(buf);
             }
-            (_, Some(buf)) => buf.extend_from_slice(&piece),
+            Ok(None) => return Ok(body.finish()),
+            Err(_) => return Err(BodyError::ClientGone),
         }
     }
-    Ok(match (first, rest) {
-        (_, Some(buf)) => buf.freeze(),
-        (Some(f), None) => f,
-        (None, None) => Bytes::new(),
-    })
+}
+
+/// Collects a body from pieces, up to a limit. Most bodies arrive in one piece, which is kept
+/// as it is; only a body in several pieces is copied into one buffer.
+pub struct BodyBuffer {
+    first: Option<Bytes>,
+    rest: Option<BytesMut>,
+    len: usize,
+    limit: usize,
+    size_hint: usize,
+}
+
+/// The body went over its limit.
+#[derive(Debug)]
+pub struct OverLimit;
+
+impl BodyBuffer {
+    pub fn new(limit: usize, size_hint: usize) -> BodyBuffer {
+        BodyBuffer {
+            first: None,
+            rest: None,
+            len: 0,
+            limit,
+            size_hint: size_hint.min(limit),
+        }
+    }
+
+    pub fn push(&mut self, piece: Bytes) -> Result<(), OverLimit> {
+        if self.len + piece.len() > self.limit {
+            return Err(OverLimit);
+        }
+        self.len += piece.len();
+        match (&mut self.first, &mut self.rest) {
+            (None, None) => self.first = Some(piece),
+            (_, Some(buf)) => buf.extend_from_slice(&piece),
+            (Some(_), None) => {
+                let mut buf = BytesMut::with_capacity(self.size_hint.max(self.len));
+                if let Some(first) = self.first.take() {
+                    buf.extend_from_slice(&first);
+                }
+                buf.extend_from_slice(&piece);
+                self.rest = Some(buf);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn finish(self) -> Bytes {
+        match (self.first, self.rest) {
+            (_, Some(buf)) => buf.freeze(),
+            (Some(first), None) => first,
+            (None, None) => Bytes::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_piece_is_kept_several_are_joined_and_the_limit_holds() {
+        let mut one = BodyBuffer::new(10, 0);
+        let piece = Bytes::from_static(b"hello");
+        one.push(piece.clone()).unwrap();
+        assert_eq!(one.finish().as_ptr(), piece.as_ptr(), "no copy");
+
+        let mut many = BodyBuffer::new(10, 0);
+        for p in [&b"ab"[..], b"cd", b"ef"] {
+            many.push(Bytes::copy_from_slice(p)).unwrap();
+        }
+        assert_eq!(&many.finish()[..], b"abcdef");
+
+        let mut over = BodyBuffer::new(4, 0);
+        over.push(Bytes::from_static(b"abc")).unwrap();
+        assert!(over.push(Bytes::from_static(b"de")).is_err());
+    }
 }

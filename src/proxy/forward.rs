@@ -6,11 +6,12 @@
 //! gateway is committed to that upstream; if it dies mid-stream the client's stream is ended
 //! cleanly with an error event, never left hanging.
 
+use super::body::BodyBuffer;
 use super::stream::StreamRelay;
 use super::{Gateway, RequestCtx};
 use crate::metrics::METRICS;
 use crate::upstream::Upstream;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use komilion_sdk::{
     ApiError, AttemptDecision, ChatRequest, ErrorKind, LocalResponse, RoutePlan, Surface, Timing,
 };
@@ -95,13 +96,16 @@ enum Answer {
         content_type: String,
         body: Bytes,
     },
-    /// A stream that has started: its first bytes and the open connection.
-    Stream {
-        content_type: String,
-        first: Bytes,
-        http: HttpSession,
-        peer: HttpPeer,
-    },
+    /// A stream that has started.
+    Stream(Box<StartedStream>),
+}
+
+/// A stream's first bytes and the open connection it continues on.
+struct StartedStream {
+    content_type: String,
+    first: Bytes,
+    http: HttpSession,
+    peer: HttpPeer,
 }
 
 /// Statuses worth trying another candidate for.
@@ -159,7 +163,7 @@ impl Gateway {
             };
             let status = match &answer {
                 Answer::Whole { status, .. } => *status,
-                Answer::Stream { .. } => 200,
+                Answer::Stream(_) => 200,
             };
             self.chain
                 .on_upstream_status(candidate, status, &mut ctx.exchange);
@@ -190,14 +194,8 @@ impl Gateway {
                     self.send_body(session, ctx, status, &content_type, body)
                         .await;
                 }
-                Answer::Stream {
-                    content_type,
-                    first,
-                    http,
-                    peer,
-                } => {
-                    self.relay_stream(session, ctx, upstream, &content_type, first, http, peer)
-                        .await;
+                Answer::Stream(started) => {
+                    self.relay_stream(session, ctx, upstream, *started).await
                 }
             }
             return Ok(());
@@ -252,25 +250,22 @@ impl Gateway {
             let first = read_piece(&mut http, idle, timing)
                 .await?
                 .unwrap_or_default();
-            return Ok(Answer::Stream {
+            return Ok(Answer::Stream(Box::new(StartedStream {
                 content_type,
                 first,
                 http,
                 peer,
-            });
+            })));
         }
-        let mut buf = BytesMut::new();
+        let mut body = BodyBuffer::new(MAX_UPSTREAM_BODY, 0);
         while let Some(piece) = read_piece(&mut http, idle, timing).await? {
-            if buf.len() + piece.len() > MAX_UPSTREAM_BODY {
-                return Err(AttemptError::TooLarge);
-            }
-            buf.extend_from_slice(&piece);
+            body.push(piece).map_err(|_| AttemptError::TooLarge)?;
         }
         self.release(http, &peer).await;
         Ok(Answer::Whole {
             status,
             content_type,
-            body: buf.freeze(),
+            body: body.finish(),
         })
     }
 
@@ -292,12 +287,16 @@ impl Gateway {
                 .map_err(AttemptError::Connect)?;
             let header = upstream_request_header(upstream, body.len(), stream);
             let exchange = async {
+                // Pingora flushes the header on its own: cork the socket so header and body
+                // leave together and the provider is woken once, not twice.
+                cork(&http, true);
                 http.write_request_header(header).await?;
                 http.write_request_body(body.clone(), true).await?;
                 http.finish_request_body().await?;
+                cork(&http, false);
                 http.read_response_header().await
             };
-            match tokio::time::timeout(ttfb, exchange).await {
+            match pingora::time::timeout(ttfb, exchange).await {
                 Ok(Ok(())) => return Ok(http),
                 Err(_) => return Err(AttemptError::Timeout),
                 // A pooled connection the provider had already closed: nothing was processed,
@@ -317,21 +316,28 @@ impl Gateway {
     }
 
     /// Relay a started stream to the client until it ends, the upstream dies or the client goes.
-    #[allow(clippy::too_many_arguments)]
     async fn relay_stream(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         upstream: &Upstream,
-        content_type: &str,
-        first: Bytes,
-        mut http: HttpSession,
-        peer: HttpPeer,
+        started: StartedStream,
     ) {
-        let Some(mut resp) = self.response_header(ctx, 200, content_type) else {
+        let StartedStream {
+            content_type,
+            first,
+            mut http,
+            peer,
+        } = started;
+        let Some(mut resp) = self.response_header(ctx, 200, &content_type) else {
             return;
         };
         let _ = resp.insert_header(http::header::CACHE_CONTROL, "no-cache");
+        // Without a length or chunked framing Pingora ends an HTTP/1.1 body by closing the
+        // connection; say chunked so the client's connection stays reusable.
+        if !session.is_http2() {
+            let _ = resp.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+        }
         ctx.status = 200;
         if session.write_response_header(resp, false).await.is_err() {
             ctx.client_gone = true;
@@ -388,6 +394,20 @@ impl Gateway {
     }
 }
 
+/// Set or clear `TCP_CORK` on an upstream connection (Linux; a no-op elsewhere).
+fn cork(http: &HttpSession, on: bool) {
+    #[cfg(target_os = "linux")]
+    if let Some(stream) = http.stream() {
+        let fd = stream.id();
+        // SAFETY: `fd` is the socket owned by `http`, which outlives this borrow; setsockopt
+        // neither closes nor keeps it.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let _ = socket2::SockRef::from(&fd).set_tcp_cork(on);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (http, on);
+}
+
 /// Read the next piece of the upstream body within the idle timeout.
 async fn read_piece(
     http: &mut HttpSession,
@@ -395,7 +415,7 @@ async fn read_piece(
     timing: &mut Timing,
 ) -> Result<Option<Bytes>, AttemptError> {
     let started = Instant::now();
-    let read = tokio::time::timeout(idle, http.read_response_body()).await;
+    let read = pingora::time::timeout(idle, http.read_response_body()).await;
     timing.upstream_wait += started.elapsed();
     match read {
         Ok(Ok(piece)) => Ok(piece),
@@ -421,15 +441,23 @@ fn upstream_request_header(
     Box::new(req)
 }
 
-/// The last event of a stream whose upstream died: the client's SDK raises it as an API error.
+/// The last events of a stream whose upstream died: an error the client's SDK raises, then
+/// (OpenAI) the end marker, so clients that reconnect on an unterminated stream do not replay
+/// the request.
 fn stream_error_event(error: &ApiError, surface: Surface) -> Bytes {
     let json = error.render(surface);
-    let mut out = Vec::with_capacity(json.len() + 24);
+    let mut out = Vec::with_capacity(json.len() + 40);
     match surface {
-        Surface::OpenAi => out.extend_from_slice(b"data: "),
-        Surface::Anthropic => out.extend_from_slice(b"event: error\ndata: "),
+        Surface::OpenAi => {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(&json);
+            out.extend_from_slice(b"\n\ndata: [DONE]\n\n");
+        }
+        Surface::Anthropic => {
+            out.extend_from_slice(b"event: error\ndata: ");
+            out.extend_from_slice(&json);
+            out.extend_from_slice(b"\n\n");
+        }
     }
-    out.extend_from_slice(&json);
-    out.extend_from_slice(b"\n\n");
     Bytes::from(out)
 }

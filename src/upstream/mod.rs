@@ -115,12 +115,7 @@ impl Upstream {
                 .await?
                 .collect();
         addrs.sort();
-        let current: Vec<SocketAddr> = self
-            .peers
-            .load()
-            .iter()
-            .filter_map(|p| peer_addr(p))
-            .collect();
+        let current: Vec<SocketAddr> = self.peers.load().iter().filter_map(peer_addr).collect();
         if addrs != current && !addrs.is_empty() {
             self.set_addrs(&addrs);
         }

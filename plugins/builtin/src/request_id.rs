@@ -1,8 +1,10 @@
-//! `request_id`: tells the client which request this was and what the gateway cost it.
+//! `request_id`: tells the client which request this was, what was decided for it and what the
+//! gateway cost it.
 //!
-//! Adds `x-komilion-request-id` (the id of the usage record, for support tickets) and
-//! `x-komilion-overhead-us` (time spent in the gateway itself, excluding the upstream and the
-//! client's upload, up to the moment the response header was written) to every response.
+//! Adds to every response `x-komilion-request-id` (the id of the usage record, for support
+//! tickets), `x-komilion-overhead-us` (time spent in the gateway itself, excluding the upstream
+//! and the client's upload, up to the moment the response header was written) and, once they
+//! are known, the routing decision: `x-komilion-task`, `x-komilion-model`, `x-komilion-provider`.
 
 use komilion_sdk::{
     settings_from, ConfigIssue, Exchange, Hooks, Plugin, PluginServices, PluginSettings,
@@ -18,6 +20,9 @@ pub const REQUEST_ID_HEADER: http::HeaderName =
     http::HeaderName::from_static("x-komilion-request-id");
 pub const OVERHEAD_HEADER: http::HeaderName =
     http::HeaderName::from_static("x-komilion-overhead-us");
+pub const TASK_HEADER: http::HeaderName = http::HeaderName::from_static("x-komilion-task");
+pub const MODEL_HEADER: http::HeaderName = http::HeaderName::from_static("x-komilion-model");
+pub const PROVIDER_HEADER: http::HeaderName = http::HeaderName::from_static("x-komilion-provider");
 
 #[derive(Debug, Deserialize)]
 #[serde(default)]
@@ -61,6 +66,15 @@ impl Plugin for RequestIdHeaders {
 
     fn on_response(&self, head: &mut ResponseHead, ex: &Exchange) {
         head.insert(REQUEST_ID_HEADER, &ex.request_id);
+        for (name, value) in [
+            (TASK_HEADER, &ex.task),
+            (MODEL_HEADER, &ex.routed_model),
+            (PROVIDER_HEADER, &ex.provider),
+        ] {
+            if let Some(value) = value {
+                head.insert(name, value);
+            }
+        }
         if self.settings.overhead {
             let us = ex.timing.overhead(Instant::now()).as_micros();
             head.insert(OVERHEAD_HEADER, &us.to_string());
@@ -79,10 +93,18 @@ mod tests {
         let start = Instant::now() - Duration::from_millis(5);
         let mut ex = Exchange::new("req-1".into(), Surface::OpenAi, start);
         ex.timing.upstream_wait = Duration::from_millis(4);
+        ex.provider = Some("openai".into());
+        ex.routed_model = Some("gpt-4o-mini".into());
         let plugin = RequestIdHeaders::new(RequestIdSettings::default());
         let mut head = ResponseHead::new(200);
         plugin.on_response(&mut head, &ex);
         assert_eq!(head.headers[REQUEST_ID_HEADER], "req-1");
+        assert_eq!(head.headers[PROVIDER_HEADER], "openai");
+        assert_eq!(head.headers[MODEL_HEADER], "gpt-4o-mini");
+        assert!(
+            head.headers.get(TASK_HEADER).is_none(),
+            "no task header before a classifier ran"
+        );
         let us: u64 = head.headers[OVERHEAD_HEADER]
             .to_str()
             .unwrap()

@@ -1,0 +1,131 @@
+//! Criterion benches of the pieces every request goes through: SSE parsing, JSON handling and
+//! the plugin chain. `cargo bench --bench hot_paths`.
+
+#![allow(clippy::unwrap_used)]
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use komilion::chain::PluginChain;
+use komilion::config::PluginSection;
+use komilion::sse::{SseEvent, SseSplitter};
+use komilion_sdk::{ChatRequest, Exchange, RequestView, ResponseHead, Surface};
+use std::time::Instant;
+
+/// A realistic OpenAI stream: `n` content chunks plus role, finish and [DONE].
+fn openai_stream(n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let chunk = |delta: &str, finish: &str| {
+        format!(
+            "data: {{\"id\":\"chatcmpl-abc\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"gpt-4o-mini\",\"system_fingerprint\":\"fp_1\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"logprobs\":null,\"finish_reason\":{finish}}}]}}\n\n"
+        )
+    };
+    out.extend_from_slice(chunk(r#"{"role":"assistant","content":""}"#, "null").as_bytes());
+    for i in 0..n {
+        out.extend_from_slice(chunk(&format!(r#"{{"content":" token{i}"}}"#), "null").as_bytes());
+    }
+    out.extend_from_slice(chunk("{}", "\"stop\"").as_bytes());
+    out.extend_from_slice(b"data: [DONE]\n\n");
+    out
+}
+
+fn sse(c: &mut Criterion) {
+    let stream = openai_stream(200);
+    let mut group = c.benchmark_group("sse");
+    group.throughput(Throughput::Bytes(stream.len() as u64));
+    // Network reads rarely line up with events: feed 1 KiB pieces.
+    group.bench_function("split+parse 200-chunk stream in 1 KiB reads", |b| {
+        b.iter(|| {
+            let mut splitter = SseSplitter::new();
+            let mut events = 0;
+            for piece in stream.chunks(1024) {
+                splitter.push(piece);
+                splitter.drain(|raw| {
+                    let e = SseEvent::parse(raw);
+                    events += e.data.len().min(1);
+                    true
+                });
+            }
+            events
+        })
+    });
+    group.finish();
+}
+
+fn json(c: &mut Criterion) {
+    let mut group = c.benchmark_group("chat_request");
+    for size in [1_024usize, 100 * 1024, 2 * 1024 * 1024] {
+        let body = serde_json::to_vec(&serde_json::json!({
+            "model": "gpt-4o-mini",
+            "stream": true,
+            "messages": [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "q".repeat(size)}],
+            "temperature": 0.2
+        }))
+        .unwrap();
+        let body = Bytes::from(body);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_with_input(BenchmarkId::new("parse", size), &body, |b, body| {
+            b.iter(|| ChatRequest::parse(body.clone()).unwrap())
+        });
+        let parsed = ChatRequest::parse(body.clone()).unwrap();
+        group.bench_with_input(
+            BenchmarkId::new("rewrite model+usage", size),
+            &parsed,
+            |b, parsed| {
+                b.iter(|| {
+                    let mut r = parsed.clone();
+                    r.set_upstream_model("gpt-4o");
+                    r.request_upstream_usage();
+                    r.upstream_body()
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+fn chain(c: &mut Criterion) {
+    let sections: Vec<PluginSection> = serde_yaml::from_str(
+        r#"
+- name: request_id
+- name: static_key_auth
+  settings:
+    keys:
+      - {name: a, key: "sk-kml-aaaaaaaaaaaaaaaaaaaaaaaa"}
+      - {name: b, key: "sk-kml-bbbbbbbbbbbbbbbbbbbbbbbb"}
+      - {name: c, key: "sk-kml-cccccccccccccccccccccccc"}
+"#,
+    )
+    .unwrap();
+    let chain = PluginChain::build(
+        &sections,
+        &komilion_plugins::builtin_registry(),
+        &Default::default(),
+    )
+    .unwrap();
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        "authorization",
+        "Bearer sk-kml-cccccccccccccccccccccccc".parse().unwrap(),
+    );
+    headers.insert("content-type", "application/json".parse().unwrap());
+    let req = RequestView::new(http::Method::POST, "/v1/chat/completions", headers);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    c.bench_function("plugin chain: on_headers + on_response", |b| {
+        b.iter(|| {
+            let mut ex = Exchange::new(
+                "0123456789abcdef0123456789abcdef".into(),
+                Surface::OpenAi,
+                Instant::now(),
+            );
+            rt.block_on(chain.on_headers(&req, &mut ex)).unwrap();
+            let mut head = ResponseHead::new(200);
+            chain.on_response(&mut head, &ex);
+            head
+        })
+    });
+}
+
+criterion_group!(benches, sse, json, chain);
+criterion_main!(benches);

@@ -1,0 +1,193 @@
+#![allow(clippy::unwrap_used)]
+//! The command line: `check`, `demo --json`, `mock-provider`, `serve -t`.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn write_config(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("komilion.yaml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn check_lists_every_error_with_its_path() {
+    let (_dir, path) = write_config(
+        r#"
+listen:
+  gateway: ["localhost"]
+  metrics: 127.0.0.1:9090
+  admni: 1
+providers:
+  - name: a
+    kind: openai
+    base_url: ftp://example.com
+    api_key: ${KOMILION_TEST_UNSET_VAR}
+  - name: b
+    kind: openai
+    base_url: http://127.0.0.1:1/v1
+    api_key: k
+    modles: [x]
+plugins:
+  - name: static_key_auth
+    settings: {keys: [{name: a, key: short}]}
+  - name: no_such_plugin
+"#,
+    );
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&path)
+        .env_remove("KOMILION_TEST_UNSET_VAR")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for path in [
+        "listen.admni",
+        "providers[0].api_key",
+        "providers[1].modles",
+        "providers[0].base_url",
+    ] {
+        assert!(stderr.contains(path), "{path} missing from:\n{stderr}");
+    }
+
+    // With the file's own errors fixed, plugin settings are checked too.
+    let (_dir, path) = write_config(
+        "providers: []\nplugins:\n  - name: static_key_auth\n    settings: {keys: [{name: a, key: short}]}\n  - name: no_such_plugin\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("plugins[0].settings.keys[0].key"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("plugins[1].name"), "{stderr}");
+
+    let out = Command::new(BIN)
+        .args(["check", "-c", "conf/komilion.yaml"])
+        .env("OPENAI_API_KEY", "sk-x")
+        .env("KOMILION_API_KEY", "sk-kml-0123456789abcdef")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn serve_test_mode_validates_and_exits() {
+    let (_dir, path) = write_config(&format!(
+        "listen:\n  gateway: [\"127.0.0.1:{}\"]\n  metrics: \"127.0.0.1:{}\"\nproviders: []\n",
+        free_port(),
+        free_port()
+    ));
+    let status = Command::new(BIN)
+        .args(["serve", "-t", "-c"])
+        .arg(&path)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_prints_a_ready_line_that_works() {
+    let mut child = Command::new(BIN)
+        .args([
+            "demo",
+            "--json",
+            "--port",
+            &free_port().to_string(),
+            "--metrics-port",
+            &free_port().to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    });
+    let line = tokio::time::timeout(Duration::from_secs(30), line)
+        .await
+        .unwrap()
+        .unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let base_url = ready["base_url"].as_str().unwrap();
+    let key = ready["api_key"].as_str().unwrap();
+    assert!(key.starts_with("sk-kml-"));
+
+    let config = async_openai::config::OpenAIConfig::new()
+        .with_api_base(base_url)
+        .with_api_key(key);
+    let client = async_openai::Client::with_config(config);
+    let req = serde_json::from_value(chat_body("gpt-4o-mini", "demo-nonce", false)).unwrap();
+    let reply = client.chat().create(req).await.unwrap();
+    assert!(reply.choices[0]
+        .message
+        .content
+        .as_deref()
+        .unwrap()
+        .contains("demo-nonce"));
+    let metrics = http()
+        .get(ready["metrics_url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("komilion_requests_total"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulated_provider_runs_on_its_own() {
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args([
+            "mock-provider",
+            "--port",
+            &port.to_string(),
+            "--behavior",
+            r#"{"chunks": 3}"#,
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let mut reply = None;
+    for _ in 0..200 {
+        if let Ok(resp) = http()
+            .post(&url)
+            .json(&chat_body("gpt-4o-mini", "solo", false))
+            .send()
+            .await
+        {
+            reply = Some(resp.json::<serde_json::Value>().await.unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let reply = reply.expect("the provider answers");
+    assert_eq!(reply["usage"]["completion_tokens"], 3);
+    assert_eq!(reply["object"], "chat.completion");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
