@@ -67,18 +67,14 @@ fn json(c: &mut Criterion) {
             b.iter(|| ChatRequest::parse(body.clone()).unwrap())
         });
         let parsed = ChatRequest::parse(body.clone()).unwrap();
-        group.bench_with_input(
-            BenchmarkId::new("rewrite model+usage", size),
-            &parsed,
-            |b, parsed| {
-                b.iter(|| {
-                    let mut r = parsed.clone();
-                    r.set_upstream_model("gpt-4o");
-                    r.request_upstream_usage();
-                    r.upstream_body()
-                })
-            },
-        );
+        group.bench_with_input(BenchmarkId::new("rewrite model+usage", size), &parsed, |b, parsed| {
+            b.iter(|| {
+                let mut r = parsed.clone();
+                r.set_upstream_model("gpt-4o");
+                r.request_upstream_usage();
+                r.upstream_body()
+            })
+        });
     }
     group.finish();
 }
@@ -96,12 +92,7 @@ fn chain(c: &mut Criterion) {
 "#,
     )
     .unwrap();
-    let chain = PluginChain::build(
-        &sections,
-        &komilion_plugins::builtin_registry(),
-        &Default::default(),
-    )
-    .unwrap();
+    let chain = PluginChain::build(&sections, &komilion_plugins::builtin_registry(), &Default::default()).unwrap();
     let mut headers = http::HeaderMap::new();
     headers.insert(
         "authorization",
@@ -109,9 +100,7 @@ fn chain(c: &mut Criterion) {
     );
     headers.insert("content-type", "application/json".parse().unwrap());
     let req = RequestView::new(http::Method::POST, "/v1/chat/completions", headers);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     c.bench_function("plugin chain: on_headers + on_response", |b| {
         b.iter(|| {
             let mut ex = Exchange::new(

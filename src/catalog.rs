@@ -85,8 +85,8 @@ impl Catalog {
     }
 
     pub fn from_yaml(text: &str) -> Result<Catalog, Vec<ConfigIssue>> {
-        let file: CatalogFile = serde_yaml::from_str(text)
-            .map_err(|e| vec![ConfigIssue::new("", format!("invalid catalog: {e}"))])?;
+        let file: CatalogFile =
+            serde_yaml::from_str(text).map_err(|e| vec![ConfigIssue::new("", format!("invalid catalog: {e}"))])?;
         Catalog::from_file(file)
     }
 
@@ -159,13 +159,9 @@ fn parse_usd_per_mtok(text: &str) -> Result<NanoUsd, String> {
 
 /// Refresh a catalog's prices and limits from LiteLLM's `model_prices_and_context_window.json`.
 /// Models missing from the table keep their entry and are reported.
-pub fn import_litellm(
-    catalog: &mut CatalogFile,
-    litellm_json: &str,
-) -> Result<Vec<String>, String> {
+pub fn import_litellm(catalog: &mut CatalogFile, litellm_json: &str) -> Result<Vec<String>, String> {
     let table: HashMap<String, HashMap<String, Box<serde_json::value::RawValue>>> =
-        serde_json::from_str(litellm_json)
-            .map_err(|e| format!("not LiteLLM's price table: {e}"))?;
+        serde_json::from_str(litellm_json).map_err(|e| format!("not LiteLLM's price table: {e}"))?;
     let mut missing = Vec::new();
     for entry in &mut catalog.models {
         let keys = [
@@ -261,10 +257,7 @@ mod tests {
         let missing = import_litellm(&mut file, json).unwrap();
         assert!(missing.is_empty());
         let e = &file.models[0];
-        assert_eq!(
-            (e.input_per_mtok.as_str(), e.output_per_mtok.as_str()),
-            ("1.1", "4.4")
-        );
+        assert_eq!((e.input_per_mtok.as_str(), e.output_per_mtok.as_str()), ("1.1", "4.4"));
         assert_eq!(e.cached_input_per_mtok.as_deref(), Some("0.275"));
         assert_eq!((e.context_window, e.max_output_tokens), (200_000, 100_000));
         assert_eq!(e.capabilities, ["tools"]);

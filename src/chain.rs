@@ -5,8 +5,8 @@
 
 use crate::config::PluginSection;
 use komilion_sdk::{
-    AttemptDecision, Candidate, ChatRequest, ConfigIssue, Exchange, Flow, Hooks, LocalResponse,
-    Plugin, PluginRegistry, PluginServices, RequestView, ResponseHead, RoutePlan, StreamEvent,
+    ApiError, AttemptDecision, Candidate, ChatRequest, ConfigIssue, Exchange, Flow, Hooks, LocalResponse, Plugin,
+    PluginRegistry, PluginServices, RequestView, ResponseHead, RoutePlan, StreamEvent,
 };
 use std::sync::Arc;
 
@@ -28,6 +28,8 @@ pub struct PluginChain {
     on_response: Vec<usize>,
     on_event: Vec<usize>,
     on_complete: Vec<usize>,
+    /// Some plugin authenticates: requests without a principal after `on_headers` are refused.
+    requires_principal: bool,
 }
 
 impl PluginChain {
@@ -45,21 +47,13 @@ impl PluginChain {
                 let known: Vec<_> = registry.names().collect();
                 issues.push(ConfigIssue::new(
                     format!("{at}.name"),
-                    format!(
-                        "unknown plugin `{}` (known: {})",
-                        section.name,
-                        known.join(", ")
-                    ),
+                    format!("unknown plugin `{}` (known: {})", section.name, known.join(", ")),
                 ));
                 continue;
             };
             match constructor(&section.settings, services) {
                 Ok(plugin) => plugins.push(plugin),
-                Err(found) => issues.extend(
-                    found
-                        .into_iter()
-                        .map(|issue| issue.under(&format!("{at}.settings"))),
-                ),
+                Err(found) => issues.extend(found.into_iter().map(|issue| issue.under(&format!("{at}.settings")))),
             }
         }
         if issues.is_empty() {
@@ -87,6 +81,7 @@ impl PluginChain {
             on_response: with(Hooks::ON_RESPONSE),
             on_event: with(Hooks::ON_EVENT),
             on_complete: with(Hooks::ON_COMPLETE),
+            requires_principal: plugins.iter().any(|p| p.authenticates()),
             plugins,
         }
     }
@@ -109,27 +104,28 @@ impl PluginChain {
         for &i in &self.on_headers {
             self.stop(i, self.plugins[i].on_headers(req, ex).await)?;
         }
+        if self.requires_principal && ex.principal.is_none() {
+            let error = if req.credential().is_some() {
+                ApiError::invalid_api_key()
+            } else {
+                ApiError::missing_api_key()
+            };
+            return Err(Stop {
+                plugin: "auth",
+                response: LocalResponse::Error(error),
+            });
+        }
         Ok(())
     }
 
-    pub async fn on_body(
-        &self,
-        req: &RequestView,
-        chat: &mut ChatRequest,
-        ex: &mut Exchange,
-    ) -> Result<(), Stop> {
+    pub async fn on_body(&self, req: &RequestView, chat: &mut ChatRequest, ex: &mut Exchange) -> Result<(), Stop> {
         for &i in &self.on_body {
             self.stop(i, self.plugins[i].on_body(req, chat, ex).await)?;
         }
         Ok(())
     }
 
-    pub async fn on_route(
-        &self,
-        chat: &ChatRequest,
-        plan: &mut RoutePlan,
-        ex: &mut Exchange,
-    ) -> Result<(), Stop> {
+    pub async fn on_route(&self, chat: &ChatRequest, plan: &mut RoutePlan, ex: &mut Exchange) -> Result<(), Stop> {
         for &i in &self.on_route {
             self.stop(i, self.plugins[i].on_route(chat, plan, ex).await)?;
         }
@@ -177,7 +173,7 @@ impl PluginChain {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use komilion_sdk::{ApiError, Surface};
+    use komilion_sdk::Surface;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
 
@@ -198,10 +194,7 @@ mod tests {
         async fn on_headers(&self, _: &RequestView, _: &mut Exchange) -> Flow {
             self.calls.fetch_add(1, Ordering::Relaxed);
             if self.refuse {
-                Flow::error(ApiError::new(
-                    komilion_sdk::ErrorKind::RateLimited,
-                    "slow down",
-                ))
+                Flow::error(ApiError::new(komilion_sdk::ErrorKind::RateLimited, "slow down"))
             } else {
                 Flow::Continue
             }
@@ -244,13 +237,9 @@ mod tests {
                 settings: serde_json::json!({"bogus": 1}),
             },
         ];
-        let issues = PluginChain::build(
-            &sections,
-            &komilion_plugins::builtin_registry(),
-            &Default::default(),
-        )
-        .err()
-        .unwrap();
+        let issues = PluginChain::build(&sections, &komilion_plugins::builtin_registry(), &Default::default())
+            .err()
+            .unwrap();
         assert_eq!(issues[0].path, "plugins[0].name");
         assert_eq!(issues[1].path, "plugins[1].settings.bogus");
     }

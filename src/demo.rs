@@ -19,6 +19,8 @@ pub struct DemoOptions {
     pub port: Option<u16>,
     /// Metrics port; 9090, or a free port if taken.
     pub metrics_port: Option<u16>,
+    /// Admin API port; 9091, or a free port if taken.
+    pub admin_port: Option<u16>,
     /// Delay between streamed chunks of the simulated provider, to watch streaming happen.
     pub chunk_delay_ms: u64,
 }
@@ -33,6 +35,8 @@ pub enum DemoError {
     Config(#[from] crate::config::ConfigErrors),
     #[error(transparent)]
     Build(#[from] crate::server::BuildError),
+    #[error("cannot prepare the demo store: {0}")]
+    Store(String),
 }
 
 /// The port asked for, else the preferred one if free, else any free port.
@@ -48,9 +52,7 @@ fn pick_port(asked: Option<u16>, preferred: u16) -> Result<u16, DemoError> {
 }
 
 fn random_hex(bytes: usize) -> String {
-    (0..bytes)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect()
+    (0..bytes).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
 }
 
 /// The OpenAI models of the catalog: the ones the simulated OpenAI provider serves.
@@ -84,12 +86,13 @@ pub fn run(options: DemoOptions) -> Result<(), DemoError> {
 
     let port = pick_port(options.port, 8080)?;
     let metrics_port = pick_port(options.metrics_port, 9090)?;
-    let demo_key = format!("sk-kml-demo-{}", random_hex(16));
-    let model_list = models
-        .iter()
-        .map(|m| format!("\"{m}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let admin_port = pick_port(options.admin_port, 9091)?;
+    let admin_token = format!("kml-admin-{}", random_hex(16));
+    let data_dir = std::env::temp_dir().join(format!("komilion-demo-{port}"));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let store_url = format!("sqlite://{}", data_dir.join("komilion.db").display());
+    let (account_id, demo_key) = prepare_store(&store_url)?;
+    let model_list = models.iter().map(|m| format!("\"{m}\"")).collect::<Vec<_>>().join(", ");
     let yaml = format!(
         r#"
 server:
@@ -107,12 +110,14 @@ providers:
     base_url: {base}
     api_key: {provider_key}
     models: [{model_list}]
+store: "{store_url}"
+admin:
+  listen: "127.0.0.1:{admin_port}"
+  token: "{admin_token}"
 plugins:
   - name: request_id
-  - name: static_key_auth
-    settings:
-      keys:
-        - {{name: demo, key: "{demo_key}"}}
+  - name: key_auth
+  - name: rate_limit
 "#,
         base = mock.base_url()
     );
@@ -134,7 +139,10 @@ plugins:
             let line = serde_json::json!({
                 "base_url": base_url,
                 "api_key": demo_key,
+                "account_id": account_id,
                 "metrics_url": metrics_url,
+                "admin_url": format!("http://127.0.0.1:{admin_port}/admin/v1"),
+                "admin_token": admin_token,
                 "health_url": format!("http://127.0.0.1:{metrics_port}/health"),
                 "models": models,
             });
@@ -153,12 +161,57 @@ plugins:
     server.run_forever()
 }
 
+/// Create the demo account with a key and $10 in its wallet. Returns the account id and key.
+fn prepare_store(url: &str) -> Result<(String, String), DemoError> {
+    use crate::admin::ops;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| DemoError::Store(e.to_string()))?;
+    runtime.block_on(async {
+        let store = crate::store::open(url)
+            .await
+            .map_err(|e| DemoError::Store(e.to_string()))?;
+        let fail = |e: ops::OpError| DemoError::Store(e.to_string());
+        let account = ops::create_account(
+            store.as_ref(),
+            ops::CreateAccount {
+                name: "Demo".into(),
+                email: "demo@example.com".into(),
+            },
+        )
+        .await
+        .map_err(fail)?;
+        let id = account["id"].as_str().unwrap_or_default().to_owned();
+        let key = ops::create_key(
+            store.as_ref(),
+            &id,
+            ops::CreateKey {
+                name: "demo".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(fail)?;
+        ops::top_up(
+            store.as_ref(),
+            &id,
+            ops::TopUp {
+                amount_usd: "10".into(),
+            },
+            Some("demo-credit"),
+        )
+        .await
+        .map_err(fail)?;
+        Ok((id, key["key"].as_str().unwrap_or_default().to_owned()))
+    })
+}
+
 /// Both listeners accept connections and `/health` answers 200.
 fn wait_ready(gateway: SocketAddr, metrics: SocketAddr, within: Duration) -> bool {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
-        let up = TcpStream::connect_timeout(&gateway, Duration::from_millis(200)).is_ok()
-            && health_ok(metrics);
+        let up = TcpStream::connect_timeout(&gateway, Duration::from_millis(200)).is_ok() && health_ok(metrics);
         if up {
             return true;
         }
@@ -181,13 +234,7 @@ fn health_ok(metrics: SocketAddr) -> bool {
     s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 200")
 }
 
-fn instructions(
-    base_url: &str,
-    key: &str,
-    metrics_url: &str,
-    catalog: &Catalog,
-    models: &[String],
-) -> String {
+fn instructions(base_url: &str, key: &str, metrics_url: &str, catalog: &Catalog, models: &[String]) -> String {
     let mut prices = String::new();
     for m in models.iter().filter_map(|m| catalog.get(m)) {
         prices.push_str(&format!(

@@ -5,6 +5,7 @@
 //! providers, parsing streams with [`sse`]; [`metrics`] records it all. [`mock_provider`] is
 //! the simulated LLM provider used by tests, benches and [`demo`].
 
+pub mod admin;
 pub mod catalog;
 pub mod chain;
 pub mod config;
@@ -14,6 +15,9 @@ pub mod mock_provider;
 pub mod money;
 pub mod proxy;
 pub mod router;
+pub mod secrets;
 pub mod server;
 pub mod sse;
+pub mod store;
+pub mod stripe;
 pub mod upstream;

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use komilion::catalog::{import_litellm, CatalogFile, EMBEDDED_CATALOG};
 use komilion::config::Config;
 use komilion::mock_provider::{Behavior, MockConfig, MockProvider};
+use komilion::store::cache::StoreCache;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -36,6 +37,8 @@ enum Command {
         port: Option<u16>,
         #[arg(long)]
         metrics_port: Option<u16>,
+        #[arg(long)]
+        admin_port: Option<u16>,
         /// Pace the simulated stream (milliseconds between chunks).
         #[arg(long, default_value_t = 0)]
         chunk_delay_ms: u64,
@@ -60,6 +63,116 @@ enum Command {
         #[command(subcommand)]
         command: CatalogCommand,
     },
+    /// Accounts, keys, wallets and provider keys, directly against the configured store (the
+    /// same operations as the admin API).
+    Admin {
+        /// The gateway's config file (its `store:` is used).
+        #[arg(short, long, conflicts_with = "store")]
+        conf: Option<PathBuf>,
+        /// A store URL instead of a config file.
+        #[arg(long)]
+        store: Option<String>,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    #[command(subcommand)]
+    Accounts(AccountsCommand),
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    #[command(subcommand)]
+    Wallet(WalletCommand),
+    /// Provider keys accounts bring (sealed with KOMILION_MASTER_KEY).
+    #[command(subcommand)]
+    ProviderKeys(ProviderKeysCommand),
+    /// Print a new random master key (base64) for KOMILION_MASTER_KEY(S).
+    NewMasterKey,
+}
+
+#[derive(Subcommand)]
+enum AccountsCommand {
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        email: String,
+    },
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        after: Option<String>,
+    },
+    Get {
+        id: String,
+    },
+    Disable {
+        id: String,
+    },
+    Enable {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key; its secret is printed once.
+    Create {
+        account: String,
+        #[arg(long)]
+        name: String,
+        /// Comma-separated models the key may use (all when absent).
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        #[arg(long)]
+        rpm: Option<u32>,
+        #[arg(long)]
+        tpm: Option<u32>,
+        /// RFC 3339 time, e.g. 2027-01-01T00:00:00Z.
+        #[arg(long)]
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    List {
+        account: String,
+    },
+    Revoke {
+        key_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum WalletCommand {
+    Get {
+        account: String,
+    },
+    Topup {
+        account: String,
+        /// A decimal amount, e.g. 12.50.
+        #[arg(long)]
+        amount_usd: String,
+        /// Makes a retried top-up a no-op.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProviderKeysCommand {
+    /// Seal and store a provider key read from standard input.
+    Set {
+        account: String,
+        provider: String,
+    },
+    List {
+        account: String,
+    },
+    Delete {
+        account: String,
+        provider: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -75,6 +188,102 @@ enum CatalogCommand {
         #[arg(long)]
         output: Option<PathBuf>,
     },
+}
+
+/// Run one `komilion admin` command and print its JSON.
+async fn admin(url: &str, command: AdminCommand) -> anyhow::Result<()> {
+    use komilion::admin::ops;
+    if let AdminCommand::NewMasterKey = command {
+        println!("{}", komilion::secrets::generate_master_key());
+        return Ok(());
+    }
+    let store = komilion::store::open(url)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open the store {}: {e}", komilion::server::redacted(url)))?;
+    let store = store.as_ref();
+    let done = serde_json::json!({"ok": true});
+    let result = match command {
+        AdminCommand::Accounts(AccountsCommand::Create { name, email }) => {
+            ops::create_account(store, ops::CreateAccount { name, email }).await
+        }
+        AdminCommand::Accounts(AccountsCommand::List { limit, after }) => {
+            ops::list_accounts(store, limit, after.as_deref()).await
+        }
+        AdminCommand::Accounts(AccountsCommand::Get { id }) => ops::get_account(store, &id).await,
+        AdminCommand::Accounts(AccountsCommand::Disable { id }) => {
+            ops::update_account(
+                store,
+                &id,
+                ops::UpdateAccount {
+                    status: "disabled".into(),
+                },
+            )
+            .await
+        }
+        AdminCommand::Accounts(AccountsCommand::Enable { id }) => {
+            ops::update_account(
+                store,
+                &id,
+                ops::UpdateAccount {
+                    status: "active".into(),
+                },
+            )
+            .await
+        }
+        AdminCommand::Keys(KeysCommand::Create {
+            account,
+            name,
+            models,
+            rpm,
+            tpm,
+            expires_at,
+        }) => {
+            let body = ops::CreateKey {
+                name,
+                expires_at,
+                allowed_models: models,
+                rpm_limit: rpm,
+                tpm_limit: tpm,
+            };
+            ops::create_key(store, &account, body).await
+        }
+        AdminCommand::Keys(KeysCommand::List { account }) => ops::list_keys(store, &account).await,
+        AdminCommand::Keys(KeysCommand::Revoke { key_id }) => ops::revoke_key(store, &key_id).await.map(|_| done),
+        AdminCommand::Wallet(WalletCommand::Get { account }) => ops::wallet(store, &account).await,
+        AdminCommand::Wallet(WalletCommand::Topup {
+            account,
+            amount_usd,
+            idempotency_key,
+        }) => ops::top_up(store, &account, ops::TopUp { amount_usd }, idempotency_key.as_deref()).await,
+        AdminCommand::ProviderKeys(ProviderKeysCommand::Set { account, provider }) => {
+            let mut api_key = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut api_key)?;
+            let keys = komilion::secrets::MasterKeys::from_env()?;
+            ops::put_provider_key(
+                store,
+                keys.as_ref(),
+                &account,
+                &provider,
+                ops::PutProviderKey { api_key },
+            )
+            .await
+            .map(|_| done)
+        }
+        AdminCommand::ProviderKeys(ProviderKeysCommand::List { account }) => {
+            ops::list_provider_keys(store, &account).await
+        }
+        AdminCommand::ProviderKeys(ProviderKeysCommand::Delete { account, provider }) => {
+            ops::delete_provider_key(store, &account, &provider).await.map(|_| done)
+        }
+        AdminCommand::NewMasterKey => unreachable!("handled above"),
+    };
+    match result {
+        Ok(value) => {
+            println!("{}", serde_json::to_string_pretty(&value)?);
+            Ok(())
+        }
+        Err(e) => bail!("{} ({})", e, e.code()),
+    }
 }
 
 fn init_logging(default: &str) {
@@ -99,14 +308,12 @@ fn main() -> anyhow::Result<()> {
             server.run_forever()
         }
         Command::Check { conf } => {
-            let config =
-                Config::load(&conf).map_err(|e| anyhow::anyhow!("{}: {e}", conf.display()))?;
-            komilion::server::build_chain(
-                &config,
-                &komilion_plugins::builtin_registry(),
-                &Default::default(),
-            )
-            .map_err(|e| anyhow::anyhow!("{}: {e}", conf.display()))?;
+            let config = Config::load(&conf).map_err(|e| anyhow::anyhow!("{}: {e}", conf.display()))?;
+            // A store that is never opened: plugins that need one see that there is one.
+            let cache = config.store.as_ref().map(|_| StoreCache::new(Default::default()));
+            let services = komilion::server::plugin_services(cache.as_ref());
+            komilion::server::build_chain(&config, &komilion_plugins::builtin_registry(), &services)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", conf.display()))?;
             println!("{}: ok", conf.display());
             Ok(())
         }
@@ -114,6 +321,7 @@ fn main() -> anyhow::Result<()> {
             json,
             port,
             metrics_port,
+            admin_port,
             chunk_delay_ms,
         } => {
             init_logging("warn");
@@ -121,6 +329,7 @@ fn main() -> anyhow::Result<()> {
                 json,
                 port,
                 metrics_port,
+                admin_port,
                 chunk_delay_ms,
             })?;
             Ok(())
@@ -152,26 +361,28 @@ fn main() -> anyhow::Result<()> {
                 std::thread::park();
             }
         }
+        Command::Admin { conf, store, command } => {
+            let url = match (store, conf) {
+                (Some(url), _) => url,
+                (None, Some(path)) => Config::load(&path)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                    .store
+                    .ok_or_else(|| anyhow::anyhow!("{}: no `store:` configured", path.display()))?,
+                (None, None) => bail!("give the config (-c FILE) or --store URL"),
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(admin(&url, command))
+        }
         Command::Catalog {
-            command:
-                CatalogCommand::ImportLitellm {
-                    file,
-                    catalog,
-                    output,
-                },
+            command: CatalogCommand::ImportLitellm { file, catalog, output },
         } => {
             let current = match &catalog {
-                Some(path) => {
-                    std::fs::read_to_string(path).with_context(|| path.display().to_string())?
-                }
+                Some(path) => std::fs::read_to_string(path).with_context(|| path.display().to_string())?,
                 None => EMBEDDED_CATALOG.to_owned(),
             };
-            let mut catalog_file: CatalogFile =
-                serde_yaml::from_str(&current).context("reading the catalog")?;
-            let litellm =
-                std::fs::read_to_string(&file).with_context(|| file.display().to_string())?;
-            let missing =
-                import_litellm(&mut catalog_file, &litellm).map_err(anyhow::Error::msg)?;
+            let mut catalog_file: CatalogFile = serde_yaml::from_str(&current).context("reading the catalog")?;
+            let litellm = std::fs::read_to_string(&file).with_context(|| file.display().to_string())?;
+            let missing = import_litellm(&mut catalog_file, &litellm).map_err(anyhow::Error::msg)?;
             for id in &missing {
                 eprintln!("warning: {id} is not in {}; kept as it was", file.display());
             }
@@ -184,9 +395,7 @@ fn main() -> anyhow::Result<()> {
                 .map_err(|issues| anyhow::anyhow!("the imported catalog is invalid: {issues:?}"))?;
             let yaml = serde_yaml::to_string(&catalog_file)?;
             match output {
-                Some(path) => {
-                    std::fs::write(&path, yaml).with_context(|| path.display().to_string())?
-                }
+                Some(path) => std::fs::write(&path, yaml).with_context(|| path.display().to_string())?,
                 None => print!("{yaml}"),
             }
             Ok(())

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use prometheus::{
-    register_histogram_vec, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
-    Encoder, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, TextEncoder,
+    register_histogram_vec, register_int_counter_vec, register_int_gauge, register_int_gauge_vec, Encoder,
+    HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, TextEncoder,
 };
 use std::sync::LazyLock;
 
@@ -34,13 +34,11 @@ pub struct Metrics {
 
 /// Seconds buckets from 10 µs to 2.5 s, for the gateway's own overhead.
 const OVERHEAD_BUCKETS: &[f64] = &[
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
-    0.25, 1.0, 2.5,
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.25, 1.0, 2.5,
 ];
 /// Seconds buckets from 5 ms to 10 min, for LLM latencies.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0,
-    600.0,
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 600.0,
 ];
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -93,16 +91,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["plugin", "status"]
         )
         .expect("register komilion_plugin_responses_total"),
-        build_info: register_int_gauge_vec!(
-            "komilion_build_info",
-            "Build information.",
-            &["version"]
-        )
-        .expect("register komilion_build_info"),
+        build_info: register_int_gauge_vec!("komilion_build_info", "Build information.", &["version"])
+            .expect("register komilion_build_info"),
     };
-    m.build_info
-        .with_label_values(&[env!("CARGO_PKG_VERSION")])
-        .set(1);
+    m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
     m
 });
 
@@ -122,8 +114,11 @@ impl Drop for InFlight {
     }
 }
 
-/// The metrics listener: `GET /metrics` (Prometheus text format) and `GET /health`.
-pub struct MetricsApp;
+/// The metrics listener: `GET /metrics` (Prometheus text format) and `GET /health` (200 once
+/// the gateway can serve: its store, if it has one, is open; 503 before).
+pub struct MetricsApp {
+    pub ready: Option<crate::store::cache::StoreSlot>,
+}
 
 #[async_trait]
 impl ServeHttp for MetricsApp {
@@ -139,16 +134,11 @@ impl ServeHttp for MetricsApp {
                     Err(e) => (500, "text/plain".to_owned(), e.to_string().into_bytes()),
                 }
             }
-            "/health" => (
-                200,
-                "application/json".to_owned(),
-                br#"{"status":"ok"}"#.to_vec(),
-            ),
-            _ => (
-                404,
-                "application/json".to_owned(),
-                br#"{"error":"not found"}"#.to_vec(),
-            ),
+            "/health" if self.ready.as_ref().is_some_and(|slot| slot.get().is_none()) => {
+                (503, "application/json".to_owned(), br#"{"status":"starting"}"#.to_vec())
+            }
+            "/health" => (200, "application/json".to_owned(), br#"{"status":"ok"}"#.to_vec()),
+            _ => (404, "application/json".to_owned(), br#"{"error":"not found"}"#.to_vec()),
         };
         http::Response::builder()
             .status(status)

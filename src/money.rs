@@ -40,11 +40,7 @@ pub fn parse_scaled(text: &str, scale: i32) -> Result<i64, MoneyError> {
     if int_part.is_empty() && frac_part.is_empty() {
         return Err(err());
     }
-    if !int_part
-        .bytes()
-        .chain(frac_part.bytes())
-        .all(|b| b.is_ascii_digit())
-    {
+    if !int_part.bytes().chain(frac_part.bytes()).all(|b| b.is_ascii_digit()) {
         return Err(err());
     }
     let digits: String = format!("{int_part}{frac_part}");
@@ -62,9 +58,7 @@ pub fn parse_scaled(text: &str, scale: i32) -> Result<i64, MoneyError> {
     if digits.is_empty() {
         return Ok(0);
     }
-    let base: i64 = digits
-        .parse()
-        .map_err(|_| MoneyError::OutOfRange(text.to_owned()))?;
+    let base: i64 = digits.parse().map_err(|_| MoneyError::OutOfRange(text.to_owned()))?;
     let factor = 10i64
         .checked_pow(power as u32)
         .ok_or_else(|| MoneyError::OutOfRange(text.to_owned()))?;
@@ -129,11 +123,7 @@ mod tests {
         assert_eq!(token_cost(1_000_000, 150_000_000), 150_000_000);
         assert_eq!(token_cost(1, 150_000_000), 150);
         assert_eq!(token_cost(1, 75_000_000), 75);
-        assert_eq!(
-            token_cost(3, 100),
-            1,
-            "a fraction of a nano-dollar rounds up"
-        );
+        assert_eq!(token_cost(3, 100), 1, "a fraction of a nano-dollar rounds up");
         assert_eq!(token_cost(0, 100), 0);
     }
 

@@ -38,10 +38,7 @@ impl ModelTable {
     }
 
     /// Model ids the caller may use, in config order, each with its first provider.
-    pub fn list<'a>(
-        &'a self,
-        principal: Option<&'a Principal>,
-    ) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+    pub fn list<'a>(&'a self, principal: Option<&'a Principal>) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
         self.order
             .iter()
             .filter(move |m| principal.is_none_or(|p| p.may_use(m)))
@@ -49,11 +46,7 @@ impl ModelTable {
     }
 
     /// The default plan for a requested model.
-    pub fn plan(
-        &self,
-        requested: &str,
-        principal: Option<&Principal>,
-    ) -> Result<RoutePlan, ApiError> {
+    pub fn plan(&self, requested: &str, principal: Option<&Principal>) -> Result<RoutePlan, ApiError> {
         let allowed = |m: &str| principal.is_none_or(|p| p.may_use(m) || p.may_use(requested));
         if let Some(providers) = self.models.get(requested) {
             if !allowed(requested) {
@@ -116,10 +109,7 @@ providers:
             providers(&table().plan("m1", None).unwrap()),
             [("a", "m1"), ("b", "m1")]
         );
-        assert_eq!(
-            providers(&table().plan("b/m1", None).unwrap()),
-            [("b", "m1")]
-        );
+        assert_eq!(providers(&table().plan("b/m1", None).unwrap()), [("b", "m1")]);
         assert_eq!(
             providers(&table().plan("open/anything", None).unwrap()),
             [("open", "anything")]
@@ -130,11 +120,7 @@ providers:
     fn unknown_and_forbidden_models_are_404() {
         let t = table();
         assert_eq!(t.plan("nope", None).unwrap_err().status(), 404);
-        assert_eq!(
-            t.plan("b/m2", None).unwrap_err().status(),
-            404,
-            "b does not list m2"
-        );
+        assert_eq!(t.plan("b/m2", None).unwrap_err().status(), 404, "b does not list m2");
         let p = Principal {
             allowed_models: vec!["m2".into()],
             ..Default::default()

@@ -1,11 +1,15 @@
-//! Assembling the Pingora server from a validated [`Config`]: the gateway listener, the
-//! metrics listener and the background services.
+//! Assembling the Pingora server from a validated [`Config`]: the gateway listener, the admin
+//! and metrics listeners, and the background services.
 
+use crate::admin::AdminApi;
 use crate::chain::PluginChain;
 use crate::config::Config;
 use crate::metrics::MetricsApp;
-use crate::proxy::Gateway;
+use crate::proxy::{Gateway, StripeEndpoint};
 use crate::router::ModelTable;
+use crate::secrets::MasterKeys;
+use crate::store::cache::{StoreCache, StoreSlot};
+use crate::store::service::StoreService;
 use crate::upstream::{DnsRefresher, Upstreams};
 use komilion_sdk::{ConfigIssue, PluginRegistry, PluginServices};
 use pingora::apps::http_app::HttpServer;
@@ -15,7 +19,7 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// How often provider host names are resolved again.
@@ -27,6 +31,10 @@ pub enum BuildError {
     Config(Vec<ConfigIssue>),
     #[error("{0}")]
     Upstream(String),
+    #[error("cannot open the store {url}: {reason}")]
+    Store { url: String, reason: String },
+    #[error("{0}")]
+    Secrets(#[from] crate::secrets::SecretsError),
 }
 
 /// Pingora's process settings from ours.
@@ -48,6 +56,25 @@ pub fn server_conf(config: &Config) -> ServerConf {
     }
 }
 
+/// The store's URL without its password, for messages.
+pub fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Plugin services over a (not yet open) store, or none without a store.
+pub fn plugin_services(cache: Option<&Arc<StoreCache>>) -> PluginServices {
+    match cache {
+        Some(cache) => PluginServices::new(Some(cache.clone()), Some(cache.clone())),
+        None => PluginServices::default(),
+    }
+}
+
 /// Build the plugin chain of a config (also what `komilion check` runs).
 pub fn build_chain(
     config: &Config,
@@ -57,25 +84,22 @@ pub fn build_chain(
     PluginChain::build(&config.plugins, registry, services).map_err(BuildError::Config)
 }
 
-/// Build the gateway service of a config.
-pub fn build_gateway(
-    config: &Config,
-    conf: &ServerConf,
-) -> Result<(Gateway, Arc<Upstreams>), BuildError> {
-    let chain = build_chain(
-        config,
-        &komilion_plugins::builtin_registry(),
-        &PluginServices::default(),
-    )?;
-    let upstreams = Arc::new(Upstreams::new(&config.providers).map_err(BuildError::Upstream)?);
-    let gateway = Gateway {
-        chain,
-        upstreams: upstreams.clone(),
-        models: ModelTable::new(&config.providers),
-        connector: Connector::new(Some(ConnectorOptions::from_server_conf(conf))),
-        max_body_bytes: config.max_body_bytes,
+/// Open the store once before serving: an unreachable store or a failed migration stops the
+/// start with a clear message instead of a gateway that answers 503 to everyone. The runtime
+/// used here is dropped before Pingora forks; the serving store is opened by [`StoreService`].
+pub fn check_store(url: &str) -> Result<(), BuildError> {
+    let failed = |reason: String| BuildError::Store {
+        url: redacted(url),
+        reason,
     };
-    Ok((gateway, upstreams))
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| failed(e.to_string()))?;
+    runtime
+        .block_on(crate::store::open(url))
+        .map(drop)
+        .map_err(|e| failed(e.to_string()))
 }
 
 /// The whole server, ready for `run_forever()`.
@@ -83,27 +107,61 @@ pub fn build_server(config: &Config, mut opt: Opt) -> Result<Server, BuildError>
     // Our config file is not Pingora's: hand Pingora its settings directly.
     opt.conf = None;
     let conf = server_conf(config);
-    let (gateway, upstreams) = build_gateway(config, &conf)?;
+    if let Some(url) = &config.store {
+        check_store(url)?;
+    }
+    let master_keys = MasterKeys::from_env()?.map(Arc::new);
+    let slot: StoreSlot = Arc::new(OnceLock::new());
+    let cache = config.store.as_ref().map(|_| StoreCache::new(slot.clone()));
+    let chain = build_chain(
+        config,
+        &komilion_plugins::builtin_registry(),
+        &plugin_services(cache.as_ref()),
+    )?;
+    let upstreams = Arc::new(Upstreams::new(&config.providers).map_err(BuildError::Upstream)?);
+    let gateway = Gateway {
+        chain,
+        upstreams: upstreams.clone(),
+        models: ModelTable::new(&config.providers),
+        connector: Connector::new(Some(ConnectorOptions::from_server_conf(&conf))),
+        max_body_bytes: config.max_body_bytes,
+        stripe: config.stripe.as_ref().map(|s| StripeEndpoint {
+            secret: s.webhook_secret.clone(),
+            tolerance_secs: s.tolerance_secs,
+            store: slot.clone(),
+        }),
+    };
+
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        gateway,
-        "komilion gateway",
-    );
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "komilion gateway");
     for addr in &config.listen.gateway {
         proxy.add_tcp(addr);
     }
     server.add_service(proxy);
 
+    if let Some(admin) = &config.admin {
+        let api = AdminApi::new(slot.clone(), &admin.token, master_keys.clone());
+        let mut service = pingora::proxy::http_proxy_service_with_name(&server.configuration, api, "komilion admin");
+        service.add_tcp(&admin.listen);
+        server.add_service(service);
+    }
+
     if let Some(addr) = &config.listen.metrics {
-        let mut metrics = Service::new(
-            "komilion metrics".to_owned(),
-            HttpServer::new_app(MetricsApp),
-        );
+        let ready = config.store.as_ref().map(|_| slot.clone());
+        let mut metrics = Service::new("komilion metrics".to_owned(), HttpServer::new_app(MetricsApp { ready }));
         metrics.add_tcp(addr);
         server.add_service(metrics);
+    }
+    if let (Some(url), Some(cache)) = (&config.store, cache) {
+        server.add_service(background_service(
+            "store",
+            StoreService {
+                url: url.clone(),
+                cache,
+            },
+        ));
     }
     server.add_service(background_service(
         "dns refresh",

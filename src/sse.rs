@@ -192,8 +192,7 @@ mod tests {
 
     #[test]
     fn events_survive_any_chunking() {
-        let stream =
-            b"data: {\"a\":1}\n\ndata: {\"b\":2}\r\n\r\nevent: ping\ndata: x\n\ndata: [DONE]\n\n";
+        let stream = b"data: {\"a\":1}\n\ndata: {\"b\":2}\r\n\r\nevent: ping\ndata: x\n\ndata: [DONE]\n\n";
         let whole = split_all(&[stream]);
         assert_eq!(whole.len(), 4);
         for cut in 1..stream.len() {
@@ -202,11 +201,7 @@ mod tests {
         }
         let bytewise: Vec<&[u8]> = stream.chunks(1).collect();
         assert_eq!(split_all(&bytewise), whole);
-        assert_eq!(
-            whole.concat(),
-            stream.to_vec(),
-            "bytes pass through unchanged"
-        );
+        assert_eq!(whole.concat(), stream.to_vec(), "bytes pass through unchanged");
     }
 
     #[test]
@@ -234,9 +229,7 @@ mod tests {
 
     #[test]
     fn parses_fields() {
-        let e = SseEvent::parse(
-            b"event: message_start\r\ndata: {\"x\":\r\ndata: 1}\r\n: comment\r\n\r\n",
-        );
+        let e = SseEvent::parse(b"event: message_start\r\ndata: {\"x\":\r\ndata: 1}\r\n: comment\r\n\r\n");
         assert_eq!(e.event, Some("message_start"));
         assert_eq!(e.data, "{\"x\":\n1}");
         assert!(SseEvent::parse(b"data: [DONE]\n\n").is_done());

@@ -60,17 +60,10 @@ plugins:
     let (_dir, path) = write_config(
         "providers: []\nplugins:\n  - name: static_key_auth\n    settings: {keys: [{name: a, key: short}]}\n  - name: no_such_plugin\n",
     );
-    let out = Command::new(BIN)
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["check", "-c"]).arg(&path).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("plugins[0].settings.keys[0].key"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("plugins[0].settings.keys[0].key"), "{stderr}");
     assert!(stderr.contains("plugins[1].name"), "{stderr}");
 
     let out = Command::new(BIN)
@@ -79,11 +72,7 @@ plugins:
         .env("KOMILION_API_KEY", "sk-kml-0123456789abcdef")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

@@ -48,30 +48,15 @@ async fn client_errors() {
     );
     let good = chat_body("gpt-4o-mini", "hi", false);
 
-    let (status, v) = post(
-        &gw,
-        Some(CLIENT_KEY),
-        b"{\"model\": \"gpt-4o-mini\", ".to_vec(),
-    )
-    .await;
+    let (status, v) = post(&gw, Some(CLIENT_KEY), b"{\"model\": \"gpt-4o-mini\", ".to_vec()).await;
     assert_eq!(status, 400);
     assert_openai_error(&v, Some("invalid_json"));
 
-    let (status, v) = post(
-        &gw,
-        Some(CLIENT_KEY),
-        json(serde_json::json!({"messages": []})),
-    )
-    .await;
+    let (status, v) = post(&gw, Some(CLIENT_KEY), json(serde_json::json!({"messages": []}))).await;
     assert_eq!(status, 400);
     assert_eq!(v["error"]["param"], "model");
 
-    let (status, v) = post(
-        &gw,
-        Some(CLIENT_KEY),
-        json(chat_body("gpt-9-ultra", "hi", false)),
-    )
-    .await;
+    let (status, v) = post(&gw, Some(CLIENT_KEY), json(chat_body("gpt-9-ultra", "hi", false))).await;
     assert_eq!(status, 404);
     assert_openai_error(&v, Some("model_not_found"));
 
@@ -79,12 +64,7 @@ async fn client_errors() {
     assert_eq!(status, 401);
     assert_openai_error(&v, Some("missing_api_key"));
 
-    let (status, v) = post(
-        &gw,
-        Some("sk-kml-not-a-real-key-000000000"),
-        json(good.clone()),
-    )
-    .await;
+    let (status, v) = post(&gw, Some("sk-kml-not-a-real-key-000000000"), json(good.clone())).await;
     assert_eq!(status, 401);
     assert_openai_error(&v, Some("invalid_api_key"));
     assert!(
@@ -115,18 +95,10 @@ async fn client_errors() {
 
     let resp = http().get(gw.url("/v1/nothing-here")).send().await.unwrap();
     assert_eq!(resp.status(), 404);
-    let resp = http()
-        .get(gw.url("/v1/chat/completions"))
-        .send()
-        .await
-        .unwrap();
+    let resp = http().get(gw.url("/v1/chat/completions")).send().await.unwrap();
     assert_eq!(resp.status(), 405);
 
-    assert_eq!(
-        mock.request_count(),
-        0,
-        "none of these reached the provider"
-    );
+    assert_eq!(mock.request_count(), 0, "none of these reached the provider");
     let (status, _) = post(&gw, Some(CLIENT_KEY), json(good)).await;
     assert_eq!(status, 200, "the gateway still serves after all that");
 }
@@ -148,31 +120,17 @@ async fn upstream_errors_map_to_gateway_statuses() {
     let gw = GatewayProcess::start(
         &[
             slow_spec,
-            ProviderSpec::new(
-                "dead",
-                format!("http://127.0.0.1:{}/v1", free_port()),
-                &["dead-model"],
-            ),
+            ProviderSpec::new("dead", format!("http://127.0.0.1:{}/v1", free_port()), &["dead-model"]),
             ProviderSpec::new("picky", failing.base_url(), &["picky-model"]),
         ],
         "",
     );
-    let (status, v) = post(
-        &gw,
-        Some(CLIENT_KEY),
-        json(chat_body("dead-model", "x", false)),
-    )
-    .await;
+    let (status, v) = post(&gw, Some(CLIENT_KEY), json(chat_body("dead-model", "x", false))).await;
     assert_eq!(status, 502);
     assert_openai_error(&v, Some("upstream_unreachable"));
 
     let started = std::time::Instant::now();
-    let (status, v) = post(
-        &gw,
-        Some(CLIENT_KEY),
-        json(chat_body("slow-model", "x", true)),
-    )
-    .await;
+    let (status, v) = post(&gw, Some(CLIENT_KEY), json(chat_body("slow-model", "x", true))).await;
     assert_eq!(status, 504);
     assert_openai_error(&v, Some("upstream_timeout"));
     assert!(
@@ -181,12 +139,7 @@ async fn upstream_errors_map_to_gateway_statuses() {
     );
 
     // The provider's own client errors are passed through as it sent them.
-    let (status, v) = post(
-        &gw,
-        Some(CLIENT_KEY),
-        json(chat_body("picky-model", "x", false)),
-    )
-    .await;
+    let (status, v) = post(&gw, Some(CLIENT_KEY), json(chat_body("picky-model", "x", false))).await;
     assert_eq!(status, 400);
     assert_eq!(v["error"]["message"], "Invalid request.");
 }
@@ -199,10 +152,7 @@ async fn an_upstream_dying_mid_stream_ends_the_stream_cleanly() {
         ..Behavior::default()
     })
     .await;
-    let gw = GatewayProcess::start(
-        &[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])],
-        "",
-    );
+    let gw = GatewayProcess::start(&[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])], "");
 
     let fetch = http()
         .post(gw.url("/v1/chat/completions"))
@@ -254,10 +204,7 @@ fn a_malformed_upstream_event_does_not_break_the_relay() {
         malformed_after: Some(2),
         ..Behavior::default()
     }));
-    let gw = GatewayProcess::start(
-        &[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])],
-        "",
-    );
+    let gw = GatewayProcess::start(&[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])], "");
     let body = json(chat_body("gpt-4o-mini", "m", true));
     let mut s = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -274,10 +221,7 @@ fn a_malformed_upstream_event_does_not_break_the_relay() {
         raw.contains("chatcmpl-broken"),
         "the provider's bytes are relayed as sent"
     );
-    assert!(
-        raw.contains("data: [DONE]\n\n"),
-        "the stream ran to its end: {raw:?}"
-    );
+    assert!(raw.contains("data: [DONE]\n\n"), "the stream ran to its end: {raw:?}");
     assert!(
         raw.ends_with("\r\n0\r\n\r\n"),
         "the chunked body is terminated: {raw:?}"

@@ -4,8 +4,7 @@
 mod common;
 
 use async_openai::types::{
-    ChatCompletionRequestUserMessageArgs, ChatCompletionStreamOptions,
-    CreateChatCompletionRequestArgs,
+    ChatCompletionRequestUserMessageArgs, ChatCompletionStreamOptions, CreateChatCompletionRequestArgs,
 };
 use common::*;
 use futures::StreamExt;
@@ -29,10 +28,7 @@ fn request(model: &str, content: &str) -> async_openai::types::CreateChatComplet
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_stream_through_the_openai_client() {
     let mock = mock_provider(Behavior::default()).await;
-    let gw = GatewayProcess::start(
-        &[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])],
-        "",
-    );
+    let gw = GatewayProcess::start(&[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])], "");
     let client = openai_client(&gw, CLIENT_KEY);
     let reply = client
         .chat()
@@ -79,21 +75,12 @@ async fn stream_with_and_without_include_usage() {
         ..Behavior::default()
     })
     .await;
-    let gw = GatewayProcess::start(
-        &[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])],
-        "",
-    );
+    let gw = GatewayProcess::start(&[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])], "");
     let client = openai_client(&gw, CLIENT_KEY);
 
     let mut req = request("gpt-4o-mini", "stream-nonce");
     req.stream = Some(true);
-    let chunks: Vec<_> = client
-        .chat()
-        .create_stream(req.clone())
-        .await
-        .unwrap()
-        .collect()
-        .await;
+    let chunks: Vec<_> = client.chat().create_stream(req.clone()).await.unwrap().collect().await;
     let chunks: Vec<_> = chunks.into_iter().map(|c| c.unwrap()).collect();
     let text: String = chunks
         .iter()
@@ -105,16 +92,8 @@ async fn stream_with_and_without_include_usage() {
         "a client that did not ask gets no usage chunk"
     );
 
-    req.stream_options = Some(ChatCompletionStreamOptions {
-        include_usage: true,
-    });
-    let chunks: Vec<_> = client
-        .chat()
-        .create_stream(req)
-        .await
-        .unwrap()
-        .collect()
-        .await;
+    req.stream_options = Some(ChatCompletionStreamOptions { include_usage: true });
+    let chunks: Vec<_> = client.chat().create_stream(req).await.unwrap().collect().await;
     let last = chunks.last().unwrap().as_ref().unwrap();
     assert!(last.choices.is_empty());
     assert_eq!(last.usage.as_ref().unwrap().completion_tokens, 5);
@@ -139,10 +118,7 @@ async fn stream_with_and_without_include_usage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_two_mib_prompt_is_forwarded_whole() {
     let mock = mock_provider(Behavior::default()).await;
-    let gw = GatewayProcess::start(
-        &[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])],
-        "",
-    );
+    let gw = GatewayProcess::start(&[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])], "");
     let big = "x".repeat(2 * 1024 * 1024);
     let body = serde_json::to_vec(&chat_body("gpt-4o-mini", &big, false)).unwrap();
     let resp = http()
@@ -170,12 +146,8 @@ async fn a_two_mib_prompt_is_forwarded_whole() {
 fn expect_100_continue_is_answered_before_the_body() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mock = rt.block_on(mock_provider(Behavior::default()));
-    let gw = GatewayProcess::start(
-        &[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])],
-        "",
-    );
-    let body =
-        serde_json::to_vec(&chat_body("gpt-4o-mini", &"y".repeat(1_500_000), false)).unwrap();
+    let gw = GatewayProcess::start(&[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])], "");
+    let body = serde_json::to_vec(&chat_body("gpt-4o-mini", &"y".repeat(1_500_000), false)).unwrap();
     let mut s = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     write!(
@@ -189,29 +161,17 @@ fn expect_100_continue_is_answered_before_the_body() {
     assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
     s.write_all(&body).unwrap();
     let rest = read_all(&mut s);
-    assert!(
-        rest.starts_with("HTTP/1.1 200"),
-        "{}",
-        &rest[..rest.len().min(200)]
-    );
+    assert!(rest.starts_with("HTTP/1.1 200"), "{}", &rest[..rest.len().min(200)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_are_listed_for_the_caller() {
     let mock = mock_provider(Behavior::default()).await;
     let gw = GatewayProcess::start(
-        &[ProviderSpec::new(
-            "sim",
-            mock.base_url(),
-            &["gpt-4o-mini", "gpt-4o"],
-        )],
+        &[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini", "gpt-4o"])],
         "",
     );
-    let list = openai_client(&gw, CLIENT_KEY)
-        .models()
-        .list()
-        .await
-        .unwrap();
+    let list = openai_client(&gw, CLIENT_KEY).models().list().await.unwrap();
     let ids: Vec<_> = list.data.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids, ["gpt-4o-mini", "gpt-4o"]);
     let resp = http().get(gw.url("/v1/models")).send().await.unwrap();
@@ -246,14 +206,7 @@ async fn a_429_falls_back_to_the_next_provider() {
         assert!(resp.text().await.unwrap().contains("Echo: fallback"));
     }
     assert_eq!(limited.request_count(), 2);
-    let metrics = http()
-        .get(gw.metrics_url())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = http().get(gw.metrics_url()).send().await.unwrap().text().await.unwrap();
     assert!(
         metrics.contains(r#"komilion_fallbacks_total{provider="first"} 2"#),
         "{metrics}"
@@ -267,10 +220,7 @@ async fn two_hundred_concurrent_requests_get_their_own_answers() {
         ..Behavior::default()
     })
     .await;
-    let gw = GatewayProcess::start(
-        &[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])],
-        "",
-    );
+    let gw = GatewayProcess::start(&[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])], "");
     let client = http();
     let tasks: Vec<_> = (0..200)
         .map(|i| {
@@ -292,9 +242,7 @@ async fn two_hundred_concurrent_requests_get_their_own_answers() {
                     "caller {i} got someone else's answer"
                 );
                 for other in [i + 1, i + 100] {
-                    assert!(
-                        !text.contains(&format!("caller-{:03}-", other % 200)) || other % 200 == i
-                    );
+                    assert!(!text.contains(&format!("caller-{:03}-", other % 200)) || other % 200 == i);
                 }
             })
         })
@@ -311,20 +259,12 @@ async fn metrics_cover_requests_latency_and_errors() {
     let gw = GatewayProcess::start(
         &[
             ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"]),
-            ProviderSpec::new(
-                "dead",
-                format!("http://127.0.0.1:{}/v1", free_port()),
-                &["gpt-dead"],
-            ),
+            ProviderSpec::new("dead", format!("http://127.0.0.1:{}/v1", free_port()), &["gpt-dead"]),
         ],
         "",
     );
     let client = http();
-    for (model, stream) in [
-        ("gpt-4o-mini", false),
-        ("gpt-4o-mini", true),
-        ("gpt-dead", false),
-    ] {
+    for (model, stream) in [("gpt-4o-mini", false), ("gpt-4o-mini", true), ("gpt-dead", false)] {
         client
             .post(gw.url("/v1/chat/completions"))
             .bearer_auth(CLIENT_KEY)
@@ -336,14 +276,7 @@ async fn metrics_cover_requests_latency_and_errors() {
             .await
             .unwrap();
     }
-    let metrics = client
-        .get(gw.metrics_url())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = client.get(gw.metrics_url()).send().await.unwrap().text().await.unwrap();
     for needle in [
         r#"komilion_requests_total{model="gpt-4o-mini",provider="sim",route="chat_completions",status="200"} 2"#,
         r#"komilion_requests_total{model="gpt-dead",provider="dead",route="chat_completions",status="502"} 1"#,
@@ -362,10 +295,7 @@ async fn metrics_cover_requests_latency_and_errors() {
 fn a_streamed_answer_keeps_the_connection_reusable() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mock = rt.block_on(mock_provider(Behavior::default()));
-    let gw = GatewayProcess::start(
-        &[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])],
-        "",
-    );
+    let gw = GatewayProcess::start(&[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])], "");
     let body = serde_json::to_vec(&chat_body("gpt-4o-mini", "keepalive", true)).unwrap();
     let mut s = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -387,9 +317,7 @@ fn a_streamed_answer_keeps_the_connection_reusable() {
         }
         let text = String::from_utf8_lossy(&raw);
         assert!(text.starts_with("HTTP/1.1 200"), "round {round}");
-        assert!(text
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked"));
+        assert!(text.to_ascii_lowercase().contains("transfer-encoding: chunked"));
         assert!(text.contains("data: [DONE]"));
     }
 }

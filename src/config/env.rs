@@ -61,12 +61,7 @@ pub(super) fn to_json_expanding_env(
     }
 }
 
-fn expand(
-    s: &str,
-    path: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-    issues: &mut Vec<ConfigIssue>,
-) -> String {
+fn expand(s: &str, path: &str, env: &dyn Fn(&str) -> Option<String>, issues: &mut Vec<ConfigIssue>) -> String {
     if !s.contains('$') {
         return s.to_owned();
     }
@@ -114,14 +109,8 @@ mod tests {
     fn expands_escapes_and_reports_missing() {
         let env = |n: &str| (n == "A").then(|| "x:y\nz".to_owned());
         let mut issues = Vec::new();
-        assert_eq!(
-            expand("pre-${A}-post", "p", &env, &mut issues),
-            "pre-x:y\nz-post"
-        );
-        assert_eq!(
-            expand("$${A} costs $5", "p", &env, &mut issues),
-            "${A} costs $5"
-        );
+        assert_eq!(expand("pre-${A}-post", "p", &env, &mut issues), "pre-x:y\nz-post");
+        assert_eq!(expand("$${A} costs $5", "p", &env, &mut issues), "${A} costs $5");
         assert!(issues.is_empty());
         expand("${B}", "providers[0].api_key", &env, &mut issues);
         assert_eq!(issues[0].path, "providers[0].api_key");

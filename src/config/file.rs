@@ -16,10 +16,22 @@ pub struct FileConfig {
     pub providers: Vec<(usize, ProviderSection)>,
     /// The plugin chain, in the order the hooks run.
     pub plugins: Vec<PluginSection>,
+    pub store: Option<String>,
+    pub admin: Option<AdminSection>,
+    pub stripe: Option<StripeSection>,
 }
 
 impl FileConfig {
-    const SECTIONS: [&'static str; 5] = ["server", "listen", "limits", "providers", "plugins"];
+    const SECTIONS: [&'static str; 8] = [
+        "server",
+        "listen",
+        "limits",
+        "providers",
+        "plugins",
+        "store",
+        "admin",
+        "stripe",
+    ];
 
     pub fn from_json(json: &Json, issues: &mut Vec<ConfigIssue>) -> FileConfig {
         let empty = serde_json::Map::new();
@@ -39,10 +51,10 @@ impl FileConfig {
             listen: section(obj, "listen", issues),
             limits: section(obj, "limits", issues),
             providers: list(obj, "providers", issues),
-            plugins: list(obj, "plugins", issues)
-                .into_iter()
-                .map(|(_, p)| p)
-                .collect(),
+            plugins: list(obj, "plugins", issues).into_iter().map(|(_, p)| p).collect(),
+            store: section(obj, "store", issues),
+            admin: section(obj, "admin", issues),
+            stripe: section(obj, "stripe", issues),
         }
     }
 }
@@ -237,4 +249,27 @@ pub struct PluginSection {
     /// The plugin's own settings, validated by the plugin.
     #[serde(default)]
     pub settings: PluginSettings,
+}
+
+/// The admin API's listener.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdminSection {
+    /// e.g. `127.0.0.1:9091`; keep it off the public network.
+    pub listen: String,
+    /// The bearer token admin calls must carry; write `${KOMILION_ADMIN_TOKEN}`.
+    pub token: String,
+}
+
+/// Stripe top-ups (`POST /webhooks/stripe` on the gateway listener).
+#[derive(Debug, Clone, Deserialize)]
+pub struct StripeSection {
+    /// The endpoint's signing secret (`whsec_…`); write `${STRIPE_WEBHOOK_SECRET}`.
+    pub webhook_secret: String,
+    /// Oldest accepted signature timestamp, in seconds (Stripe's default is 300).
+    #[serde(default = "default_tolerance")]
+    pub tolerance_secs: u64,
+}
+
+fn default_tolerance() -> u64 {
+    300
 }

@@ -8,8 +8,8 @@ mod env;
 mod file;
 
 pub use file::{
-    FileConfig, LimitsSection, ListenSection, PluginSection, ProviderKind, ProviderSection,
-    ServerSection, TimeoutsSection,
+    AdminSection, FileConfig, LimitsSection, ListenSection, PluginSection, ProviderKind, ProviderSection,
+    ServerSection, StripeSection, TimeoutsSection,
 };
 
 use komilion_sdk::ConfigIssue;
@@ -60,6 +60,10 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub providers: Vec<ProviderConfig>,
     pub plugins: Vec<PluginSection>,
+    /// `sqlite://PATH` or `postgres://…`; none means no accounts (static keys only).
+    pub store: Option<String>,
+    pub admin: Option<AdminSection>,
+    pub stripe: Option<StripeSection>,
 }
 
 impl Config {
@@ -75,10 +79,7 @@ impl Config {
     }
 
     /// Parse a config from YAML text, looking `${ENV}` references up with `env`.
-    pub fn from_yaml(
-        text: &str,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigErrors> {
+    pub fn from_yaml(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
         let yaml: serde_yaml::Value = serde_yaml::from_str(text)
             .map_err(|e| ConfigErrors(vec![ConfigIssue::new("", format!("invalid YAML: {e}"))]))?;
         let mut issues = Vec::new();
@@ -94,16 +95,10 @@ impl Config {
 
     fn validate(file: FileConfig, issues: &mut Vec<ConfigIssue>) -> Config {
         if file.limits.max_body_bytes == 0 {
-            issues.push(ConfigIssue::new(
-                "limits.max_body_bytes",
-                "must be greater than 0",
-            ));
+            issues.push(ConfigIssue::new("limits.max_body_bytes", "must be greater than 0"));
         }
         if file.listen.gateway.is_empty() {
-            issues.push(ConfigIssue::new(
-                "listen.gateway",
-                "at least one address is required",
-            ));
+            issues.push(ConfigIssue::new("listen.gateway", "at least one address is required"));
         }
         for (i, addr) in file.listen.gateway.iter().enumerate() {
             check_addr(addr, &format!("listen.gateway[{i}]"), issues);
@@ -127,12 +122,35 @@ impl Config {
                 providers.push(provider);
             }
         }
+        if let Some(store) = &file.store {
+            let known = ["sqlite://", "postgres://", "postgresql://"];
+            if !known.iter().any(|p| store.starts_with(p)) {
+                issues.push(ConfigIssue::new(
+                    "store",
+                    "must start with sqlite://, postgres:// or postgresql://",
+                ));
+            }
+        }
+        if let Some(admin) = &file.admin {
+            check_addr(&admin.listen, "admin.listen", issues);
+            if admin.token.len() < 16 {
+                issues.push(ConfigIssue::new("admin.token", "use at least 16 characters"));
+            }
+            if file.store.is_none() {
+                issues.push(ConfigIssue::new("admin", "the admin API needs a store: set `store:`"));
+            }
+        }
+        if let Some(stripe) = &file.stripe {
+            if stripe.webhook_secret.is_empty() {
+                issues.push(ConfigIssue::new("stripe.webhook_secret", "must not be empty"));
+            }
+            if file.store.is_none() {
+                issues.push(ConfigIssue::new("stripe", "Stripe top-ups need a store: set `store:`"));
+            }
+        }
         for (i, plugin) in file.plugins.iter().enumerate() {
             if plugin.name.trim().is_empty() {
-                issues.push(ConfigIssue::new(
-                    format!("plugins[{i}].name"),
-                    "must not be empty",
-                ));
+                issues.push(ConfigIssue::new(format!("plugins[{i}].name"), "must not be empty"));
             }
         }
         Config {
@@ -141,6 +159,9 @@ impl Config {
             max_body_bytes: file.limits.max_body_bytes as usize,
             providers,
             plugins: file.plugins,
+            store: file.store,
+            admin: file.admin,
+            stripe: file.stripe,
         }
     }
 }
@@ -154,11 +175,7 @@ fn check_addr(addr: &str, at: &str, issues: &mut Vec<ConfigIssue>) {
     }
 }
 
-fn validate_provider(
-    p: ProviderSection,
-    at: &str,
-    issues: &mut Vec<ConfigIssue>,
-) -> Option<ProviderConfig> {
+fn validate_provider(p: ProviderSection, at: &str, issues: &mut Vec<ConfigIssue>) -> Option<ProviderConfig> {
     if p.name.is_empty() || p.name.contains('/') {
         issues.push(ConfigIssue::new(
             format!("{at}.name"),
@@ -175,18 +192,12 @@ fn validate_provider(
         ));
     }
     if p.api_key.is_empty() {
-        issues.push(ConfigIssue::new(
-            format!("{at}.api_key"),
-            "must not be empty",
-        ));
+        issues.push(ConfigIssue::new(format!("{at}.api_key"), "must not be empty"));
     }
     let url = match Url::parse(&p.base_url) {
         Ok(url) => url,
         Err(e) => {
-            issues.push(ConfigIssue::new(
-                format!("{at}.base_url"),
-                format!("invalid URL: {e}"),
-            ));
+            issues.push(ConfigIssue::new(format!("{at}.base_url"), format!("invalid URL: {e}")));
             return None;
         }
     };
@@ -224,13 +235,8 @@ fn validate_provider(
         }
     }
     Some(ProviderConfig {
-        host: host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned(),
-        port: url
-            .port_or_known_default()
-            .unwrap_or(if tls { 443 } else { 80 }),
+        host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+        port: url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 }),
         base_path: url.path().trim_end_matches('/').to_owned(),
         tls,
         name: p.name,
@@ -299,38 +305,18 @@ typo: 1
 "#;
         let errs = Config::from_yaml(text, &env).unwrap_err();
         let paths: Vec<_> = errs.0.iter().map(|i| i.path.as_str()).collect();
-        for expected in [
-            "providers[0].api_key",
-            "limits.max_bdy",
-            "providers[0].colour",
-            "typo",
-        ] {
-            assert!(
-                paths.contains(&expected),
-                "{expected} missing from {paths:?}"
-            );
+        for expected in ["providers[0].api_key", "limits.max_bdy", "providers[0].colour", "typo"] {
+            assert!(paths.contains(&expected), "{expected} missing from {paths:?}");
         }
         // A section with an unknown key is not validated further; the others are.
         for expected in ["listen.gateway[0]", "providers[1].kind"] {
-            assert!(
-                paths.contains(&expected),
-                "{expected} missing from {paths:?}"
-            );
+            assert!(paths.contains(&expected), "{expected} missing from {paths:?}");
         }
-        let text = text
-            .replace("  max_bdy: 1\n", "")
-            .replace("    colour: blue\n", "");
+        let text = text.replace("  max_bdy: 1\n", "").replace("    colour: blue\n", "");
         let errs = Config::from_yaml(&text, &env).unwrap_err();
         let paths: Vec<_> = errs.0.iter().map(|i| i.path.as_str()).collect();
-        for expected in [
-            "limits.max_body_bytes",
-            "providers[0].base_url",
-            "providers[1].kind",
-        ] {
-            assert!(
-                paths.contains(&expected),
-                "{expected} missing from {paths:?}"
-            );
+        for expected in ["limits.max_body_bytes", "providers[0].base_url", "providers[1].kind"] {
+            assert!(paths.contains(&expected), "{expected} missing from {paths:?}");
         }
     }
 }

@@ -153,11 +153,7 @@ impl MockProvider {
     }
 
     /// Serve on `addr` from a thread with its own runtime (for callers without one).
-    pub fn start_in_thread(
-        config: MockConfig,
-        addr: SocketAddr,
-        threads: usize,
-    ) -> io::Result<MockProvider> {
+    pub fn start_in_thread(config: MockConfig, addr: SocketAddr, threads: usize) -> io::Result<MockProvider> {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("mock-provider".into())
@@ -188,8 +184,7 @@ impl MockProvider {
                     }
                 });
             })?;
-        rx.recv()
-            .map_err(|_| io::Error::other("mock provider thread died"))?
+        rx.recv().map_err(|_| io::Error::other("mock provider thread died"))?
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -206,11 +201,7 @@ impl MockProvider {
     }
 
     pub fn recorded(&self) -> Vec<RecordedRequest> {
-        self.state
-            .recorded
-            .lock()
-            .map(|r| r.clone())
-            .unwrap_or_default()
+        self.state.recorded.lock().map(|r| r.clone()).unwrap_or_default()
     }
 }
 
@@ -248,12 +239,7 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<State>) {
             Ok(Some(head)) => head,
             Ok(None) | Err(_) => return,
         };
-        if head.expect_continue
-            && stream
-                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                .await
-                .is_err()
-        {
+        if head.expect_continue && stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
             return;
         }
         let body = match read_body(&mut stream, &mut buf, &head).await {
@@ -312,9 +298,7 @@ async fn read_head(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<Opt
                 expect_continue: false,
                 close: false,
             };
-            head.content_length = head
-                .header("content-length")
-                .and_then(|v| v.trim().parse().ok());
+            head.content_length = head.header("content-length").and_then(|v| v.trim().parse().ok());
             head.chunked = head
                 .header("transfer-encoding")
                 .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
@@ -374,9 +358,7 @@ async fn read_body(stream: &mut TcpStream, buf: &mut BytesMut, head: &Head) -> i
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// The request's behaviour: the instance default, overridden by the header, then the body.
@@ -393,8 +375,7 @@ fn behavior_for(state: &State, head: &Head, body: &serde_json::Value) -> Result<
         Ok(())
     };
     if let Some(h) = head.header("x-mock-behavior") {
-        let v: serde_json::Value =
-            serde_json::from_str(h).map_err(|e| format!("bad x-mock-behavior: {e}"))?;
+        let v: serde_json::Value = serde_json::from_str(h).map_err(|e| format!("bad x-mock-behavior: {e}"))?;
         apply(&v)?;
     }
     if let Some(v) = body.get("mock") {
@@ -436,28 +417,14 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-async fn respond(
-    stream: &mut TcpStream,
-    state: &State,
-    head: &Head,
-    body: &[u8],
-) -> io::Result<Keep> {
+async fn respond(stream: &mut TcpStream, state: &State, head: &Head, body: &[u8]) -> io::Result<Keep> {
     let n = state.next_id.fetch_add(1, Ordering::Relaxed);
     let request_id = format!("req_mock{n:016x}");
     let path = head.path.split('?').next().unwrap_or("");
     if let Some(key) = &state.config.api_key {
-        let presented = head
-            .header("authorization")
-            .and_then(|v| v.strip_prefix("Bearer "));
+        let presented = head.header("authorization").and_then(|v| v.strip_prefix("Bearer "));
         if presented != Some(key.as_str()) {
-            return write_simple(
-                stream,
-                401,
-                "application/json",
-                &openai::error_body(401),
-                &request_id,
-            )
-            .await;
+            return write_simple(stream, 401, "application/json", &openai::error_body(401), &request_id).await;
         }
     }
     match (head.method.as_str(), path) {
@@ -468,23 +435,14 @@ async fn respond(
         ("POST", "/v1/chat/completions" | "/chat/completions") => {
             chat_completion(stream, state, head, body, n, &request_id).await
         }
-        _ => {
-            write_simple(
-                stream,
-                404,
-                "application/json",
-                &openai::error_body(404),
-                &request_id,
-            )
-            .await
-        }
+        _ => write_simple(stream, 404, "application/json", &openai::error_body(404), &request_id).await,
     }
 }
 
 /// Words of the filler text after the echo.
 const FILLER: [&str; 16] = [
-    " The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", " while",
-    " the", " gateway", " counts", " every", " token", ".",
+    " The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", " while", " the", " gateway",
+    " counts", " every", " token", ".",
 ];
 
 /// The answer's pieces: an echo of the start of the last user message (so concurrent callers
@@ -517,9 +475,7 @@ fn answer_pieces(request: &serde_json::Value, chunks: usize) -> Vec<String> {
 /// Rough prompt size: about four bytes a token, at least one per message.
 fn prompt_tokens(request: &serde_json::Value) -> u64 {
     request["messages"].as_array().map_or(0, |msgs| {
-        msgs.iter()
-            .map(|m| 4 + m["content"].to_string().len() as u64 / 4)
-            .sum()
+        msgs.iter().map(|m| 4 + m["content"].to_string().len() as u64 / 4).sum()
     })
 }
 
@@ -533,16 +489,7 @@ async fn chat_completion(
 ) -> io::Result<Keep> {
     let request: serde_json::Value = match serde_json::from_slice(body) {
         Ok(v) => v,
-        Err(_) => {
-            return write_simple(
-                stream,
-                400,
-                "application/json",
-                &openai::error_body(400),
-                request_id,
-            )
-            .await
-        }
+        Err(_) => return write_simple(stream, 400, "application/json", &openai::error_body(400), request_id).await,
     };
     let behavior = match behavior_for(state, head, &request) {
         Ok(b) => b,
@@ -590,10 +537,7 @@ async fn chat_completion(
         return write_simple(stream, 200, "application/json", &body, request_id).await;
     }
 
-    let include_usage = request["stream_options"]["include_usage"]
-        .as_bool()
-        .unwrap_or(false)
-        && !behavior.omit_usage;
+    let include_usage = request["stream_options"]["include_usage"].as_bool().unwrap_or(false) && !behavior.omit_usage;
     let head = format!(
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\ncache-control: no-cache\r\nx-request-id: {request_id}\r\nopenai-processing-ms: 1\r\n\r\n"
     );
@@ -607,11 +551,7 @@ async fn chat_completion(
             return Ok(Keep::Closed);
         }
         if i > 0 && behavior.malformed_after == Some(content_sent) {
-            write_chunk(
-                stream,
-                b"data: {\"id\": \"chatcmpl-broken\", \"choices\": [\n\n",
-            )
-            .await?;
+            write_chunk(stream, b"data: {\"id\": \"chatcmpl-broken\", \"choices\": [\n\n").await?;
         }
         if i > 0 && behavior.chunk_delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(behavior.chunk_delay_ms)).await;

@@ -73,7 +73,8 @@ impl Completion<'_> {
     /// Every SSE event of the streamed answer, in order, `[DONE]` included.
     pub fn events(&self, include_usage: bool) -> Vec<Vec<u8>> {
         let mut out = Vec::with_capacity(self.pieces.len() + 4);
-        let delta = |d: Value, finish: Value| json!([{"index": 0, "delta": d, "logprobs": null, "finish_reason": finish}]);
+        let delta =
+            |d: Value, finish: Value| json!([{"index": 0, "delta": d, "logprobs": null, "finish_reason": finish}]);
         out.push(self.chunk(
             delta(
                 json!({"role": "assistant", "content": "", "refusal": null}),
@@ -141,10 +142,8 @@ pub fn error_body(status: u16) -> Vec<u8> {
             Value::Null,
         ),
     };
-    serde_json::to_vec(
-        &json!({"error": {"message": message, "type": kind, "param": null, "code": code}}),
-    )
-    .unwrap_or_default()
+    serde_json::to_vec(&json!({"error": {"message": message, "type": kind, "param": null, "code": code}}))
+        .unwrap_or_default()
 }
 
 /// `GET /v1/models`.

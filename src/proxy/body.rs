@@ -28,11 +28,7 @@ fn too_large(limit: usize) -> BodyError {
     )
 }
 
-pub async fn read_body(
-    session: &mut Session,
-    limit: usize,
-    timing: &mut Timing,
-) -> Result<Bytes, BodyError> {
+pub async fn read_body(session: &mut Session, limit: usize, timing: &mut Timing) -> Result<Bytes, BodyError> {
     let declared = session
         .req_header()
         .headers
@@ -48,13 +44,7 @@ pub async fn read_body(
         .headers
         .get(http::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if expects_continue
-        && session
-            .as_downstream_mut()
-            .write_continue_response()
-            .await
-            .is_err()
-    {
+    if expects_continue && session.as_downstream_mut().write_continue_response().await.is_err() {
         return Err(BodyError::ClientGone);
     }
     session.set_read_timeout(Some(BODY_READ_TIMEOUT));

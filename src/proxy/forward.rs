@@ -12,9 +12,7 @@ use super::{Gateway, RequestCtx};
 use crate::metrics::METRICS;
 use crate::upstream::Upstream;
 use bytes::Bytes;
-use komilion_sdk::{
-    ApiError, AttemptDecision, ChatRequest, ErrorKind, LocalResponse, RoutePlan, Surface, Timing,
-};
+use komilion_sdk::{ApiError, AttemptDecision, ChatRequest, ErrorKind, LocalResponse, RoutePlan, Surface, Timing};
 use pingora::http::RequestHeader;
 use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
@@ -43,9 +41,7 @@ impl AttemptError {
     fn kind(&self) -> &'static str {
         match self {
             AttemptError::NoAddress => "no_address",
-            AttemptError::Connect(e) if e.etype() == &pingora::ErrorType::ConnectTimedout => {
-                "timeout"
-            }
+            AttemptError::Connect(e) if e.etype() == &pingora::ErrorType::ConnectTimedout => "timeout",
             AttemptError::Connect(_) => "connect",
             AttemptError::Timeout => "timeout",
             AttemptError::Lost(_) => "reset",
@@ -60,18 +56,21 @@ impl AttemptError {
                 format!("The provider `{provider}` has no resolvable address."),
             )
             .with_code("upstream_unreachable"),
-            AttemptError::Connect(e) if e.etype() == &pingora::ErrorType::ConnectTimedout => {
-                ApiError::new(ErrorKind::GatewayTimeout, format!("Connecting to the provider `{provider}` timed out."))
-                    .with_code("upstream_timeout")
-            }
-            AttemptError::Connect(_) => {
-                ApiError::new(ErrorKind::BadGateway, format!("The provider `{provider}` could not be reached."))
-                    .with_code("upstream_unreachable")
-            }
-            AttemptError::Timeout => {
-                ApiError::new(ErrorKind::GatewayTimeout, format!("The provider `{provider}` did not answer in time."))
-                    .with_code("upstream_timeout")
-            }
+            AttemptError::Connect(e) if e.etype() == &pingora::ErrorType::ConnectTimedout => ApiError::new(
+                ErrorKind::GatewayTimeout,
+                format!("Connecting to the provider `{provider}` timed out."),
+            )
+            .with_code("upstream_timeout"),
+            AttemptError::Connect(_) => ApiError::new(
+                ErrorKind::BadGateway,
+                format!("The provider `{provider}` could not be reached."),
+            )
+            .with_code("upstream_unreachable"),
+            AttemptError::Timeout => ApiError::new(
+                ErrorKind::GatewayTimeout,
+                format!("The provider `{provider}` did not answer in time."),
+            )
+            .with_code("upstream_timeout"),
             AttemptError::Lost(e) => ApiError::new(
                 ErrorKind::BadGateway,
                 format!(
@@ -80,10 +79,11 @@ impl AttemptError {
                 ),
             )
             .with_code("upstream_connection_lost"),
-            AttemptError::TooLarge => {
-                ApiError::new(ErrorKind::BadGateway, format!("The provider `{provider}` sent an oversized answer."))
-                    .with_code("bad_upstream_response")
-            }
+            AttemptError::TooLarge => ApiError::new(
+                ErrorKind::BadGateway,
+                format!("The provider `{provider}` sent an oversized answer."),
+            )
+            .with_code("bad_upstream_response"),
         }
     }
 }
@@ -152,10 +152,7 @@ impl Gateway {
                         .inc();
                     tracing::debug!(provider = upstream.name(), request_id = %ctx.exchange.request_id, "attempt failed: {e:?}");
                     if !is_last {
-                        METRICS
-                            .fallbacks
-                            .with_label_values(&[upstream.name()])
-                            .inc();
+                        METRICS.fallbacks.with_label_values(&[upstream.name()]).inc();
                     }
                     last_error = Some(e.to_api_error(upstream.name()));
                     continue;
@@ -165,23 +162,15 @@ impl Gateway {
                 Answer::Whole { status, .. } => *status,
                 Answer::Stream(_) => 200,
             };
-            self.chain
-                .on_upstream_status(candidate, status, &mut ctx.exchange);
+            self.chain.on_upstream_status(candidate, status, &mut ctx.exchange);
             if should_fall_back(status) {
-                let kind = if status == 429 {
-                    "status_429"
-                } else {
-                    "status_5xx"
-                };
+                let kind = if status == 429 { "status_429" } else { "status_5xx" };
                 METRICS
                     .upstream_errors
                     .with_label_values(&[upstream.name(), kind])
                     .inc();
                 if !is_last {
-                    METRICS
-                        .fallbacks
-                        .with_label_values(&[upstream.name()])
-                        .inc();
+                    METRICS.fallbacks.with_label_values(&[upstream.name()]).inc();
                     continue;
                 }
             }
@@ -191,19 +180,15 @@ impl Gateway {
                     content_type,
                     body,
                 } => {
-                    self.send_body(session, ctx, status, &content_type, body)
-                        .await;
+                    self.send_body(session, ctx, status, &content_type, body).await;
                 }
-                Answer::Stream(started) => {
-                    self.relay_stream(session, ctx, upstream, *started).await
-                }
+                Answer::Stream(started) => self.relay_stream(session, ctx, upstream, *started).await,
             }
             return Ok(());
         }
         Err(last_error
             .unwrap_or_else(|| {
-                ApiError::new(ErrorKind::BadGateway, "No upstream could take the request.")
-                    .with_code("no_upstream")
+                ApiError::new(ErrorKind::BadGateway, "No upstream could take the request.").with_code("no_upstream")
             })
             .into())
     }
@@ -247,9 +232,7 @@ impl Gateway {
         };
         let idle = upstream.config.idle_timeout;
         if status == 200 && content_type.starts_with("text/event-stream") {
-            let first = read_piece(&mut http, idle, timing)
-                .await?
-                .unwrap_or_default();
+            let first = read_piece(&mut http, idle, timing).await?.unwrap_or_default();
             return Ok(Answer::Stream(Box::new(StartedStream {
                 content_type,
                 first,
@@ -309,9 +292,7 @@ impl Gateway {
 
     async fn release(&self, mut http: HttpSession, peer: &HttpPeer) {
         if http.response_done() {
-            self.connector
-                .release_http_session(http, peer, Some(POOL_IDLE))
-                .await;
+            self.connector.release_http_session(http, peer, Some(POOL_IDLE)).await;
         }
     }
 
@@ -355,13 +336,7 @@ impl Gateway {
                     }
                 }
             }
-            match read_piece(
-                &mut http,
-                upstream.config.idle_timeout,
-                &mut ctx.exchange.timing,
-            )
-            .await
-            {
+            match read_piece(&mut http, upstream.config.idle_timeout, &mut ctx.exchange.timing).await {
                 Ok(Some(chunk)) => piece = Some(chunk),
                 Ok(None) => {
                     let rest = relay.finish();
@@ -378,13 +353,8 @@ impl Gateway {
                         .with_label_values(&[upstream.name(), e.kind()])
                         .inc();
                     tracing::warn!(provider = upstream.name(), request_id = %ctx.exchange.request_id, "stream ended early: {e:?}");
-                    let event =
-                        stream_error_event(&e.to_api_error(upstream.name()), ctx.exchange.surface);
-                    if session
-                        .write_response_body(Some(event), true)
-                        .await
-                        .is_err()
-                    {
+                    let event = stream_error_event(&e.to_api_error(upstream.name()), ctx.exchange.surface);
+                    if session.write_response_body(Some(event), true).await.is_err() {
                         ctx.client_gone = true;
                     }
                     return;
@@ -425,11 +395,7 @@ async fn read_piece(
 }
 
 /// The request header for one attempt: the provider's template plus this body's length.
-fn upstream_request_header(
-    upstream: &Upstream,
-    body_len: usize,
-    stream: bool,
-) -> Box<RequestHeader> {
+fn upstream_request_header(upstream: &Upstream, body_len: usize, stream: bool) -> Box<RequestHeader> {
     let mut req = upstream.chat_request.clone();
     let accept = if stream {
         "text/event-stream"

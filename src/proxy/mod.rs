@@ -12,13 +12,15 @@
 //! body before choosing an upstream, which stock Pingora cannot replay past 64 KiB, so the
 //! upstream exchange is driven here with Pingora's pooled connector (`forward.rs`).
 
-mod body;
+pub(crate) mod body;
 mod forward;
 mod respond;
 mod route;
 mod stream;
+mod webhooks;
 
 pub use route::Route;
+pub use webhooks::StripeEndpoint;
 
 use crate::chain::PluginChain;
 use crate::metrics::{InFlight, METRICS};
@@ -40,6 +42,8 @@ pub struct Gateway {
     pub models: ModelTable,
     pub connector: Connector,
     pub max_body_bytes: usize,
+    /// Stripe top-ups, when configured.
+    pub stripe: Option<StripeEndpoint>,
 }
 
 /// Per-request state (Pingora's CTX).
@@ -82,33 +86,24 @@ impl ProxyHttp for Gateway {
     }
 
     /// Never reached: every route answers in `request_filter`.
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        _ctx: &mut RequestCtx,
-    ) -> pingora::Result<Box<HttpPeer>> {
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> pingora::Result<Box<HttpPeer>> {
         Err(pingora::Error::explain(
             pingora::ErrorType::InternalError,
             "no stock upstream path",
         ))
     }
 
-    async fn request_filter(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> pingora::Result<bool> {
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<bool> {
         let header = session.req_header();
         ctx.route = Route::of(&header.method, header.uri.path());
         ctx.exchange.surface = ctx.route.surface();
         let outcome = match ctx.route {
             Route::ChatCompletions => self.chat_completions(session, ctx).await,
             Route::Models => self.list_models(session, ctx).await,
-            Route::MethodNotAllowed(allow) => Err(ApiError::new(
-                ErrorKind::MethodNotAllowed,
-                format!("This route only accepts {allow}."),
-            )
-            .into()),
+            Route::StripeWebhook => self.stripe_webhook(session, ctx).await,
+            Route::MethodNotAllowed(allow) => {
+                Err(ApiError::new(ErrorKind::MethodNotAllowed, format!("This route only accepts {allow}.")).into())
+            }
             Route::NotFound => Err(ApiError::new(
                 ErrorKind::NotFound,
                 format!(
@@ -126,12 +121,7 @@ impl ProxyHttp for Gateway {
         Ok(true)
     }
 
-    async fn logging(
-        &self,
-        session: &mut Session,
-        _e: Option<&pingora::Error>,
-        ctx: &mut RequestCtx,
-    ) {
+    async fn logging(&self, session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut RequestCtx) {
         let status = if ctx.status != 0 {
             ctx.status
         } else {
@@ -153,10 +143,7 @@ impl ProxyHttp for Gateway {
         METRICS
             .request_duration
             .with_label_values(&[route])
-            .observe(
-                now.saturating_duration_since(ex.timing.started)
-                    .as_secs_f64(),
-            );
+            .observe(now.saturating_duration_since(ex.timing.started).as_secs_f64());
         METRICS
             .overhead
             .with_label_values(&[route])
@@ -174,21 +161,13 @@ impl ProxyHttp for Gateway {
 impl Gateway {
     fn request_view(session: &Session) -> RequestView {
         let header = session.req_header();
-        let mut view = RequestView::new(
-            header.method.clone(),
-            header.uri.path(),
-            header.headers.clone(),
-        );
+        let mut view = RequestView::new(header.method.clone(), header.uri.path(), header.headers.clone());
         view.client_addr = session.client_addr().and_then(|a| a.as_inet()).copied();
         view
     }
 
     /// Run `on_headers`; a refusal is answered as the plugin's response.
-    async fn authorize(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> Result<RequestView, LocalResponse> {
+    async fn authorize(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<RequestView, LocalResponse> {
         let view = Gateway::request_view(session);
         if let Err(stop) = self.chain.on_headers(&view, &mut ctx.exchange).await {
             ctx.answered_by = Some(stop.plugin);
@@ -200,52 +179,33 @@ impl Gateway {
         Ok(view)
     }
 
-    async fn chat_completions(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> Result<(), LocalResponse> {
+    async fn chat_completions(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), LocalResponse> {
         let view = self.authorize(session, ctx).await?;
-        let raw =
-            match body::read_body(session, self.max_body_bytes, &mut ctx.exchange.timing).await {
-                Ok(raw) => raw,
-                Err(body::BodyError::TooLarge(e)) => return Err(e.into()),
-                Err(body::BodyError::ClientGone) => {
-                    ctx.client_gone = true;
-                    session.set_keepalive(None);
-                    return Ok(());
-                }
-            };
+        let raw = match body::read_body(session, self.max_body_bytes, &mut ctx.exchange.timing).await {
+            Ok(raw) => raw,
+            Err(body::BodyError::TooLarge(e)) => return Err(e.into()),
+            Err(body::BodyError::ClientGone) => {
+                ctx.client_gone = true;
+                session.set_keepalive(None);
+                return Ok(());
+            }
+        };
         let mut chat = ChatRequest::parse(raw).map_err(ApiError::from)?;
         ctx.exchange.requested_model = Some(chat.model.clone());
         ctx.exchange.stream = chat.stream;
-        if let Err(stop) = self
-            .chain
-            .on_body(&view, &mut chat, &mut ctx.exchange)
-            .await
-        {
+        if let Err(stop) = self.chain.on_body(&view, &mut chat, &mut ctx.exchange).await {
             ctx.answered_by = Some(stop.plugin);
             return Err(stop.response);
         }
-        let mut plan = self
-            .models
-            .plan(&chat.model, ctx.exchange.principal.as_ref())?;
-        if let Err(stop) = self
-            .chain
-            .on_route(&chat, &mut plan, &mut ctx.exchange)
-            .await
-        {
+        let mut plan = self.models.plan(&chat.model, ctx.exchange.principal.as_ref())?;
+        if let Err(stop) = self.chain.on_route(&chat, &mut plan, &mut ctx.exchange).await {
             ctx.answered_by = Some(stop.plugin);
             return Err(stop.response);
         }
         self.forward(session, ctx, &mut chat, &plan).await
     }
 
-    async fn list_models(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> Result<(), LocalResponse> {
+    async fn list_models(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), LocalResponse> {
         self.authorize(session, ctx).await?;
         let data: Vec<serde_json::Value> = self
             .models

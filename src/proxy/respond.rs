@@ -21,8 +21,7 @@ impl Gateway {
         let mut head = ResponseHead::new(status);
         self.chain.on_response(&mut head, &ctx.exchange);
         let mut resp = ResponseHeader::build(status, Some(4 + head.headers.len())).ok()?;
-        resp.insert_header(http::header::CONTENT_TYPE, content_type)
-            .ok()?;
+        resp.insert_header(http::header::CONTENT_TYPE, content_type).ok()?;
         for (name, value) in head.headers.iter() {
             resp.insert_header(name.clone(), value.clone()).ok()?;
         }
@@ -38,8 +37,7 @@ impl Gateway {
         content_type: &str,
         body: Bytes,
     ) {
-        self.send_body_with(session, ctx, status, content_type, body, &[])
-            .await
+        self.send_body_with(session, ctx, status, content_type, body, &[]).await
     }
 
     pub(super) async fn send_body_with(
@@ -61,11 +59,7 @@ impl Gateway {
         }
         ctx.status = status;
         let head_only = session.req_header().method == http::Method::HEAD;
-        if session
-            .write_response_header(resp, head_only)
-            .await
-            .is_err()
-        {
+        if session.write_response_header(resp, head_only).await.is_err() {
             ctx.client_gone = true;
             return;
         }
@@ -75,12 +69,7 @@ impl Gateway {
     }
 
     /// Answer with a plugin's or the engine's local response, in the client's API format.
-    pub(super) async fn send_local(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        response: LocalResponse,
-    ) {
+    pub(super) async fn send_local(&self, session: &mut Session, ctx: &mut RequestCtx, response: LocalResponse) {
         match response {
             LocalResponse::Error(e) => {
                 let body = Bytes::from(e.render(ctx.exchange.surface));
@@ -96,8 +85,7 @@ impl Gateway {
                 content_type,
                 body,
             } => {
-                self.send_body(session, ctx, status, content_type, body)
-                    .await;
+                self.send_body(session, ctx, status, content_type, body).await;
             }
         }
     }

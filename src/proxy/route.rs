@@ -9,6 +9,8 @@ pub enum Route {
     ChatCompletions,
     /// `GET /v1/models`
     Models,
+    /// `POST /webhooks/stripe`
+    StripeWebhook,
     /// A known path with the wrong method; the value is the `Allow` header.
     MethodNotAllowed(&'static str),
     #[default]
@@ -19,6 +21,13 @@ impl Route {
     /// Paths are accepted with or without the `/v1` prefix, since clients differ in whether
     /// their base URL carries it.
     pub fn of(method: &Method, path: &str) -> Route {
+        if path == "/webhooks/stripe" {
+            return if method == Method::POST {
+                Route::StripeWebhook
+            } else {
+                Route::MethodNotAllowed("POST")
+            };
+        }
         let path = path.strip_prefix("/v1").unwrap_or(path);
         let path = path.strip_suffix('/').unwrap_or(path);
         match path {
@@ -39,6 +48,7 @@ impl Route {
         match self {
             Route::ChatCompletions => "chat_completions",
             Route::Models => "models",
+            Route::StripeWebhook => "stripe_webhook",
             Route::MethodNotAllowed(_) => "method_not_allowed",
             Route::NotFound => "not_found",
         }
@@ -51,14 +61,8 @@ mod tests {
 
     #[test]
     fn routes() {
-        assert_eq!(
-            Route::of(&Method::POST, "/v1/chat/completions"),
-            Route::ChatCompletions
-        );
-        assert_eq!(
-            Route::of(&Method::POST, "/chat/completions/"),
-            Route::ChatCompletions
-        );
+        assert_eq!(Route::of(&Method::POST, "/v1/chat/completions"), Route::ChatCompletions);
+        assert_eq!(Route::of(&Method::POST, "/chat/completions/"), Route::ChatCompletions);
         assert_eq!(
             Route::of(&Method::GET, "/v1/chat/completions"),
             Route::MethodNotAllowed("POST")

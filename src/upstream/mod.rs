@@ -41,12 +41,8 @@ impl Upstream {
         } else {
             format!("{}:{}", bracket_v6(&config.host), config.port)
         };
-        let chat_request = chat_request_template(&config, &host_header).map_err(|e| {
-            format!(
-                "provider `{}`: cannot build its request header: {e}",
-                config.name
-            )
-        })?;
+        let chat_request = chat_request_template(&config, &host_header)
+            .map_err(|e| format!("provider `{}`: cannot build its request header: {e}", config.name))?;
         let upstream = Upstream {
             chat_request,
             host_header,
@@ -110,10 +106,9 @@ impl Upstream {
         if self.is_ip_literal() {
             return Ok(());
         }
-        let mut addrs: Vec<SocketAddr> =
-            tokio::net::lookup_host((self.config.host.as_str(), self.config.port))
-                .await?
-                .collect();
+        let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.config.host.as_str(), self.config.port))
+            .await?
+            .collect();
         addrs.sort();
         let current: Vec<SocketAddr> = self.peers.load().iter().filter_map(peer_addr).collect();
         if addrs != current && !addrs.is_empty() {
@@ -125,17 +120,11 @@ impl Upstream {
 
 /// The fixed part of a chat completion request to an OpenAI-compatible provider. The client's
 /// own headers are never copied: its credential must not reach the provider.
-fn chat_request_template(
-    config: &ProviderConfig,
-    host_header: &str,
-) -> pingora::Result<RequestHeader> {
+fn chat_request_template(config: &ProviderConfig, host_header: &str) -> pingora::Result<RequestHeader> {
     let path = format!("{}/chat/completions", config.base_path);
     let mut req = RequestHeader::build_no_case(http::Method::POST, path.as_bytes(), Some(8))?;
     req.insert_header(http::header::HOST, host_header)?;
-    req.insert_header(
-        http::header::AUTHORIZATION,
-        format!("Bearer {}", config.api_key),
-    )?;
+    req.insert_header(http::header::AUTHORIZATION, format!("Bearer {}", config.api_key))?;
     req.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     req.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
     req.insert_header(
@@ -173,10 +162,7 @@ impl Upstreams {
             .cloned()
             .map(|c| Upstream::new(c).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        let by_name = ordered
-            .iter()
-            .map(|u| (u.config.name.clone(), u.clone()))
-            .collect();
+        let by_name = ordered.iter().map(|u| (u.config.name.clone(), u.clone())).collect();
         Ok(Upstreams { by_name, ordered })
     }
 

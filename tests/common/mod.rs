@@ -149,21 +149,14 @@ impl Drop for GatewayProcess {
 pub fn http_status(port: u16, path: &str) -> Option<u16> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-    )
-    .ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").ok()?;
     let mut line = String::new();
     BufReader::new(&mut s).read_line(&mut line).ok()?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// An async-openai client for the gateway.
-pub fn openai_client(
-    gw: &GatewayProcess,
-    key: &str,
-) -> async_openai::Client<async_openai::config::OpenAIConfig> {
+pub fn openai_client(gw: &GatewayProcess, key: &str) -> async_openai::Client<async_openai::config::OpenAIConfig> {
     let config = async_openai::config::OpenAIConfig::new()
         .with_api_base(gw.base_url())
         .with_api_key(key);
@@ -185,12 +178,7 @@ pub fn chat_body(model: &str, content: &str, stream: bool) -> serde_json::Value 
 /// The `data:` payloads of an SSE body.
 pub fn sse_data(body: &str) -> Vec<String> {
     body.split("\n\n")
-        .filter_map(|event| {
-            event
-                .lines()
-                .find_map(|l| l.strip_prefix("data: "))
-                .map(str::to_owned)
-        })
+        .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")).map(str::to_owned))
         .collect()
 }
 
@@ -199,4 +187,32 @@ pub fn read_all(s: &mut TcpStream) -> String {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The machine's PostgreSQL (trust auth); override with `KOMILION_TEST_PG`.
+pub fn pg_base_url() -> String {
+    std::env::var("KOMILION_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A fresh schema in the test database, and a store URL whose connections use it. Each test
+/// gets its own, so tests never see each other's rows.
+pub async fn pg_schema_url() -> String {
+    let base = pg_base_url();
+    let (client, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL at 127.0.0.1:5432");
+    tokio::spawn(connection);
+    let schema = format!("t_{}", komilion::store::new_id("s").trim_start_matches("s_"));
+    client
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .expect("create schema");
+    format!("{base}?options=-c%20search_path%3D{schema}")
+}
+
+/// A fresh SQLite file in a temp dir (kept alive by the returned guard).
+pub fn sqlite_url() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("komilion.db").display());
+    (dir, url)
 }

@@ -1,6 +1,9 @@
 //! Komilion's built-in plugins, one file each. Each has its own settings struct, validated
 //! when the chain is built, and is registered by name in [`builtin_registry`].
 
+pub mod jwt_auth;
+pub mod key_auth;
+pub mod rate_limit;
 pub mod request_id;
 pub mod static_key_auth;
 
@@ -11,6 +14,9 @@ pub fn builtin_registry() -> PluginRegistry {
     let mut registry = PluginRegistry::new();
     registry
         .register(request_id::NAME, request_id::RequestIdHeaders::build)
-        .register(static_key_auth::NAME, static_key_auth::StaticKeyAuth::build);
+        .register(static_key_auth::NAME, static_key_auth::StaticKeyAuth::build)
+        .register(key_auth::NAME, key_auth::KeyAuth::build)
+        .register(jwt_auth::NAME, jwt_auth::JwtAuth::build)
+        .register(rate_limit::NAME, rate_limit::RateLimit::build);
     registry
 }

@@ -6,20 +6,15 @@
 //! and the client's upload, up to the moment the response header was written) and, once they
 //! are known, the routing decision: `x-komilion-task`, `x-komilion-model`, `x-komilion-provider`.
 
-use komilion_sdk::{
-    settings_from, ConfigIssue, Exchange, Hooks, Plugin, PluginServices, PluginSettings,
-    ResponseHead,
-};
+use komilion_sdk::{settings_from, ConfigIssue, Exchange, Hooks, Plugin, PluginServices, PluginSettings, ResponseHead};
 use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Instant;
 
 pub const NAME: &str = "request_id";
 
-pub const REQUEST_ID_HEADER: http::HeaderName =
-    http::HeaderName::from_static("x-komilion-request-id");
-pub const OVERHEAD_HEADER: http::HeaderName =
-    http::HeaderName::from_static("x-komilion-overhead-us");
+pub const REQUEST_ID_HEADER: http::HeaderName = http::HeaderName::from_static("x-komilion-request-id");
+pub const OVERHEAD_HEADER: http::HeaderName = http::HeaderName::from_static("x-komilion-overhead-us");
 pub const TASK_HEADER: http::HeaderName = http::HeaderName::from_static("x-komilion-task");
 pub const MODEL_HEADER: http::HeaderName = http::HeaderName::from_static("x-komilion-model");
 pub const PROVIDER_HEADER: http::HeaderName = http::HeaderName::from_static("x-komilion-provider");
@@ -46,10 +41,7 @@ impl RequestIdHeaders {
         RequestIdHeaders { settings }
     }
 
-    pub fn build(
-        settings: &PluginSettings,
-        _: &PluginServices,
-    ) -> Result<Arc<dyn Plugin>, Vec<ConfigIssue>> {
+    pub fn build(settings: &PluginSettings, _: &PluginServices) -> Result<Arc<dyn Plugin>, Vec<ConfigIssue>> {
         Ok(Arc::new(RequestIdHeaders::new(settings_from(settings)?)))
     }
 }
@@ -105,11 +97,7 @@ mod tests {
             head.headers.get(TASK_HEADER).is_none(),
             "no task header before a classifier ran"
         );
-        let us: u64 = head.headers[OVERHEAD_HEADER]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let us: u64 = head.headers[OVERHEAD_HEADER].to_str().unwrap().parse().unwrap();
         assert!(
             (1000..5000).contains(&us),
             "overhead {us}µs excludes the 4 ms upstream wait"
@@ -118,9 +106,7 @@ mod tests {
 
     #[test]
     fn overhead_header_can_be_turned_off() {
-        let plugin =
-            RequestIdHeaders::build(&serde_json::json!({"overhead": false}), &Default::default())
-                .unwrap();
+        let plugin = RequestIdHeaders::build(&serde_json::json!({"overhead": false}), &Default::default()).unwrap();
         let ex = Exchange::new("r".into(), Surface::OpenAi, Instant::now());
         let mut head = ResponseHead::new(200);
         plugin.on_response(&mut head, &ex);
@@ -130,10 +116,9 @@ mod tests {
 
     #[test]
     fn rejects_unknown_settings() {
-        let err =
-            RequestIdHeaders::build(&serde_json::json!({"overhed": false}), &Default::default())
-                .err()
-                .unwrap();
+        let err = RequestIdHeaders::build(&serde_json::json!({"overhed": false}), &Default::default())
+            .err()
+            .unwrap();
         assert_eq!(err[0].path, "overhed");
     }
 }

@@ -5,8 +5,8 @@
 //! neither the position of a match nor a shared prefix shows in the timing.
 
 use komilion_sdk::{
-    settings_from, ApiError, ConfigIssue, Exchange, Flow, Hooks, Plugin, PluginServices,
-    PluginSettings, Principal, RequestView,
+    settings_from, ApiError, ConfigIssue, Exchange, Flow, Hooks, Plugin, PluginServices, PluginSettings, Principal,
+    RequestView,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -91,10 +91,7 @@ impl StaticKeyAuth {
         Ok(StaticKeyAuth { entries })
     }
 
-    pub fn build(
-        settings: &PluginSettings,
-        _: &PluginServices,
-    ) -> Result<Arc<dyn Plugin>, Vec<ConfigIssue>> {
+    pub fn build(settings: &PluginSettings, _: &PluginServices) -> Result<Arc<dyn Plugin>, Vec<ConfigIssue>> {
         Ok(Arc::new(StaticKeyAuth::new(settings_from(settings)?)?))
     }
 
@@ -122,7 +119,14 @@ impl Plugin for StaticKeyAuth {
         Hooks::ON_HEADERS
     }
 
+    fn authenticates(&self) -> bool {
+        true
+    }
+
     async fn on_headers(&self, req: &RequestView, ex: &mut Exchange) -> Flow {
+        if ex.principal.is_some() {
+            return Flow::Continue;
+        }
         let Some(presented) = req.credential() else {
             return Flow::error(ApiError::missing_api_key());
         };
@@ -151,10 +155,7 @@ mod tests {
         StaticKeyAuth::build(&settings, &Default::default()).unwrap()
     }
 
-    async fn call(
-        plugin: &Arc<dyn Plugin>,
-        header: Option<(&'static str, &str)>,
-    ) -> (Flow, Exchange) {
+    async fn call(plugin: &Arc<dyn Plugin>, header: Option<(&'static str, &str)>) -> (Flow, Exchange) {
         let mut headers = HeaderMap::new();
         if let Some((k, v)) = header {
             headers.insert(k, HeaderValue::from_str(v).unwrap());
@@ -175,11 +176,7 @@ mod tests {
     #[tokio::test]
     async fn accepts_configured_keys_and_names_the_account() {
         let p = plugin();
-        let (flow, ex) = call(
-            &p,
-            Some(("authorization", "Bearer sk-bob-0123456789abcdef")),
-        )
-        .await;
+        let (flow, ex) = call(&p, Some(("authorization", "Bearer sk-bob-0123456789abcdef"))).await;
         assert!(matches!(flow, Flow::Continue));
         let principal = ex.principal.unwrap();
         assert_eq!(
@@ -195,15 +192,8 @@ mod tests {
     #[tokio::test]
     async fn rejects_missing_and_wrong_keys_with_401() {
         let p = plugin();
-        assert_eq!(
-            status(&call(&p, None).await.0),
-            Some((401, Some("missing_api_key")))
-        );
-        let wrong = call(
-            &p,
-            Some(("authorization", "Bearer sk-bob-0123456789abcdeX")),
-        )
-        .await;
+        assert_eq!(status(&call(&p, None).await.0), Some((401, Some("missing_api_key"))));
+        let wrong = call(&p, Some(("authorization", "Bearer sk-bob-0123456789abcdeX"))).await;
         assert_eq!(status(&wrong.0), Some((401, Some("invalid_api_key"))));
         assert!(wrong.1.principal.is_none());
     }
@@ -214,13 +204,8 @@ mod tests {
             {"name": "a", "key": "short"},
             {"name": "a", "key": "short"},
         ]});
-        let issues = StaticKeyAuth::build(&settings, &Default::default())
-            .err()
-            .unwrap();
+        let issues = StaticKeyAuth::build(&settings, &Default::default()).err().unwrap();
         let paths: Vec<_> = issues.iter().map(|i| i.path.as_str()).collect();
-        assert_eq!(
-            paths,
-            ["keys[0].key", "keys[1].key", "keys[1].name", "keys[1].key"]
-        );
+        assert_eq!(paths, ["keys[0].key", "keys[1].key", "keys[1].name", "keys[1].key"]);
     }
 }

@@ -62,10 +62,9 @@ impl ErrorKind {
             | ErrorKind::RequestTooLarge => "invalid_request_error",
             ErrorKind::InsufficientQuota => "insufficient_quota",
             ErrorKind::RateLimited => "rate_limit_error",
-            ErrorKind::Internal
-            | ErrorKind::BadGateway
-            | ErrorKind::Unavailable
-            | ErrorKind::GatewayTimeout => "api_error",
+            ErrorKind::Internal | ErrorKind::BadGateway | ErrorKind::Unavailable | ErrorKind::GatewayTimeout => {
+                "api_error"
+            }
         }
     }
 
@@ -170,8 +169,7 @@ impl ApiError {
     }
 
     pub fn invalid_api_key() -> Self {
-        ApiError::new(ErrorKind::Authentication, "Incorrect API key provided.")
-            .with_code("invalid_api_key")
+        ApiError::new(ErrorKind::Authentication, "Incorrect API key provided.").with_code("invalid_api_key")
     }
 
     pub fn model_not_found(model: &str) -> Self {

@@ -116,8 +116,7 @@ impl ChatRequest {
                     let wire: Vec<WireMessage<'_>> = typed(text, "messages")?;
                     req.messages.reserve(wire.len());
                     for m in wire {
-                        let (text, images) =
-                            m.content.map(content_text).transpose()?.unwrap_or_default();
+                        let (text, images) = m.content.map(content_text).transpose()?.unwrap_or_default();
                         req.has_images |= images;
                         req.messages.push(ChatMessage {
                             role: m.role.into_owned(),
@@ -178,9 +177,7 @@ impl ChatRequest {
         }
         let mut opts = self
             .field("stream_options")
-            .and_then(|t| {
-                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(t).ok()
-            })
+            .and_then(|t| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(t).ok())
             .unwrap_or_default();
         opts.insert("include_usage".into(), serde_json::Value::Bool(true));
         let json = serde_json::Value::Object(opts).to_string();
@@ -193,11 +190,7 @@ impl ChatRequest {
         if self.overrides.is_empty() {
             return self.raw.clone();
         }
-        let extra: usize = self
-            .overrides
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 4)
-            .sum();
+        let extra: usize = self.overrides.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
         let mut out = Vec::with_capacity(self.raw.len() + extra);
         out.push(b'{');
         let mut first = true;
@@ -244,10 +237,7 @@ fn json_string(s: &str) -> String {
     serde_json::Value::String(s.to_owned()).to_string()
 }
 
-fn typed<'a, T: Deserialize<'a>>(
-    text: &'a str,
-    field: &'static str,
-) -> Result<T, RequestParseError> {
+fn typed<'a, T: Deserialize<'a>>(text: &'a str, field: &'static str) -> Result<T, RequestParseError> {
     serde_json::from_str(text).map_err(|e| RequestParseError::Invalid {
         field,
         reason: e.to_string(),
@@ -373,10 +363,7 @@ mod tests {
         assert_eq!(v["stream_options"]["foo"], 1);
         assert_eq!(v["seed"], 7);
         assert_eq!(v["messages"][0]["content"], "q");
-        assert_eq!(
-            r.model, "auto",
-            "the client's model is kept for the usage record"
-        );
+        assert_eq!(r.model, "auto", "the client's model is kept for the usage record");
     }
 
     #[test]

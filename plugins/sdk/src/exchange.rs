@@ -149,10 +149,7 @@ impl Exchange {
     }
 
     pub fn note(&self, key: &str) -> Option<&str> {
-        self.notes
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| v.as_str())
+        self.notes.iter().find(|(k, _)| *k == key).map(|(_, v)| v.as_str())
     }
 }
 

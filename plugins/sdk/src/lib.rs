@@ -14,12 +14,12 @@ mod exchange;
 mod plugin;
 mod registry;
 mod request;
+mod services;
 
 pub use api_error::{ApiError, ErrorKind};
 pub use chat::{ChatMessage, ChatRequest, RequestParseError};
 pub use exchange::{Candidate, Exchange, Principal, ResponseHead, RoutePlan, Timing, Usage};
 pub use plugin::{AttemptDecision, Flow, Hooks, LocalResponse, Plugin, StreamEvent};
-pub use registry::{
-    settings_from, ConfigIssue, PluginConstructor, PluginRegistry, PluginServices, PluginSettings,
-};
+pub use registry::{settings_from, ConfigIssue, PluginConstructor, PluginRegistry, PluginServices, PluginSettings};
 pub use request::{RequestView, Surface};
+pub use services::{AccountLookup, KeyGrant, KeyLookup, StoreUnavailable};

@@ -110,6 +110,13 @@ pub trait Plugin: Send + Sync + 'static {
     /// Which hooks this plugin implements.
     fn hooks(&self) -> Hooks;
 
+    /// True for plugins that establish who is calling. When a chain has one, a request that
+    /// leaves `on_headers` without a principal is refused with 401, whatever the plugins'
+    /// fall-through settings: no misconfiguration can let an anonymous request through.
+    fn authenticates(&self) -> bool {
+        false
+    }
+
     /// After the request header is read, before the body. Cheap checks belong here (auth,
     /// request-rate limits) so that rejected requests never cost a body read.
     async fn on_headers(&self, _req: &RequestView, _ex: &mut Exchange) -> Flow {
@@ -118,23 +125,13 @@ pub trait Plugin: Send + Sync + 'static {
 
     /// After the body is read and parsed. May change the request (e.g. its upstream fields) or
     /// answer it (cache hit, budget refusal).
-    async fn on_body(
-        &self,
-        _req: &RequestView,
-        _chat: &mut ChatRequest,
-        _ex: &mut Exchange,
-    ) -> Flow {
+    async fn on_body(&self, _req: &RequestView, _chat: &mut ChatRequest, _ex: &mut Exchange) -> Flow {
         Flow::Continue
     }
 
     /// After the engine has built its default plan from the requested model. May reorder,
     /// replace or extend the candidates.
-    async fn on_route(
-        &self,
-        _chat: &ChatRequest,
-        _plan: &mut RoutePlan,
-        _ex: &mut Exchange,
-    ) -> Flow {
+    async fn on_route(&self, _chat: &ChatRequest, _plan: &mut RoutePlan, _ex: &mut Exchange) -> Flow {
         Flow::Continue
     }
 

@@ -1,6 +1,7 @@
 //! Building plugins from the config: an explicit registry `name → constructor`.
 
 use crate::plugin::Plugin;
+use crate::services::{AccountLookup, KeyLookup};
 use serde::de::DeserializeOwned;
 use std::fmt;
 use std::sync::Arc;
@@ -46,14 +47,22 @@ impl fmt::Display for ConfigIssue {
 }
 
 /// What the engine lends to plugins: handles to its services. Plugins never reach into the
-/// engine otherwise.
+/// engine otherwise. A handle is `None` when the gateway runs without a store.
 #[derive(Clone, Default)]
 #[non_exhaustive]
-pub struct PluginServices {}
+pub struct PluginServices {
+    pub keys: Option<Arc<dyn KeyLookup>>,
+    pub accounts: Option<Arc<dyn AccountLookup>>,
+}
+
+impl PluginServices {
+    pub fn new(keys: Option<Arc<dyn KeyLookup>>, accounts: Option<Arc<dyn AccountLookup>>) -> Self {
+        PluginServices { keys, accounts }
+    }
+}
 
 /// Builds a plugin from its settings, or lists everything wrong with them.
-pub type PluginConstructor =
-    fn(&PluginSettings, &PluginServices) -> Result<Arc<dyn Plugin>, Vec<ConfigIssue>>;
+pub type PluginConstructor = fn(&PluginSettings, &PluginServices) -> Result<Arc<dyn Plugin>, Vec<ConfigIssue>>;
 
 /// The plugins the engine knows, by the name the config uses.
 #[derive(Default, Clone)]
@@ -74,10 +83,7 @@ impl PluginRegistry {
     }
 
     pub fn get(&self, name: &str) -> Option<PluginConstructor> {
-        self.entries
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, c)| *c)
+        self.entries.iter().find(|(n, _)| *n == name).map(|(_, c)| *c)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
@@ -88,9 +94,7 @@ impl PluginRegistry {
 /// Deserialize a plugin's settings into its config struct, reporting every unknown key and the
 /// first type error, each with its path. Config structs should not use
 /// `deny_unknown_fields`: unknown keys are collected here so that all of them are reported.
-pub fn settings_from<T: DeserializeOwned>(
-    settings: &PluginSettings,
-) -> Result<T, Vec<ConfigIssue>> {
+pub fn settings_from<T: DeserializeOwned>(settings: &PluginSettings) -> Result<T, Vec<ConfigIssue>> {
     let null = serde_json::Value::Object(Default::default());
     let settings = if settings.is_null() { &null } else { settings };
     let mut issues = Vec::new();
@@ -99,10 +103,7 @@ pub fn settings_from<T: DeserializeOwned>(
         write_path(&path, &mut out);
         issues.push(ConfigIssue::new(out, "unknown key"));
     };
-    let result = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(
-        settings,
-        &mut on_unknown,
-    ));
+    let result = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(settings, &mut on_unknown));
     match result {
         Ok(value) if issues.is_empty() => Ok(value),
         Ok(_) => Err(issues),
@@ -131,9 +132,9 @@ fn write_path(path: &serde_ignored::Path<'_>, out: &mut String) {
             }
             out.push_str(key);
         }
-        Path::Some { parent }
-        | Path::NewtypeStruct { parent }
-        | Path::NewtypeVariant { parent } => write_path(parent, out),
+        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
+            write_path(parent, out)
+        }
     }
 }
 
@@ -155,8 +156,7 @@ mod tests {
 
     #[test]
     fn reports_every_unknown_key_with_its_path() {
-        let v =
-            serde_json::json!({"keys": [{"name": "a", "nmae": 1}, {"name": "b", "x": 2}], "y": 3});
+        let v = serde_json::json!({"keys": [{"name": "a", "nmae": 1}, {"name": "b", "x": 2}], "y": 3});
         let issues = settings_from::<Settings>(&v).unwrap_err();
         let paths: Vec<_> = issues.iter().map(|i| i.path.as_str()).collect();
         assert_eq!(paths, ["keys[0].nmae", "keys[1].x", "y"]);
@@ -167,20 +167,13 @@ mod tests {
         let v = serde_json::json!({"keys": [{"name": 5}]});
         let issues = settings_from::<Settings>(&v).unwrap_err();
         assert_eq!(issues[0].path, "keys[0].name");
-        assert!(
-            issues[0].message.contains("invalid type"),
-            "{}",
-            issues[0].message
-        );
+        assert!(issues[0].message.contains("invalid type"), "{}", issues[0].message);
     }
 
     #[test]
     fn issue_paths_nest() {
         let i = ConfigIssue::new("keys[0].name", "x").under("plugins[2].settings");
         assert_eq!(i.path, "plugins[2].settings.keys[0].name");
-        assert_eq!(
-            ConfigIssue::new("[1]", "x").under("providers").path,
-            "providers[1]"
-        );
+        assert_eq!(ConfigIssue::new("[1]", "x").under("providers").path, "providers[1]");
     }
 }

@@ -67,14 +67,8 @@ mod tests {
 
     #[test]
     fn credential_prefers_bearer_then_x_api_key() {
-        assert_eq!(
-            view(&[("authorization", "Bearer abc")]).credential(),
-            Some("abc")
-        );
-        assert_eq!(
-            view(&[("authorization", "bearer  abc ")]).credential(),
-            Some("abc")
-        );
+        assert_eq!(view(&[("authorization", "Bearer abc")]).credential(), Some("abc"));
+        assert_eq!(view(&[("authorization", "bearer  abc ")]).credential(), Some("abc"));
         assert_eq!(view(&[("x-api-key", "xyz")]).credential(), Some("xyz"));
         assert_eq!(
             view(&[("authorization", "Bearer a"), ("x-api-key", "b")]).credential(),

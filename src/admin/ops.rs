@@ -1,0 +1,262 @@
+//! The admin operations, shared by the HTTP admin API and `komilion admin`: the same checks and
+//! the same JSON either way.
+
+use crate::money::{parse_usd, Usd};
+use crate::secrets::MasterKeys;
+use crate::store::{generate_api_key, new_id, Account, AccountStatus, KeyInfo, KeyLimits, Store, StoreError, Wallet};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Largest single top-up accepted, in USD (a typo guard).
+const MAX_TOP_UP_USD: i64 = 1_000_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl OpError {
+    pub fn status(&self) -> u16 {
+        match self {
+            OpError::BadRequest(_) => 400,
+            OpError::NotFound(_) => 404,
+            OpError::Conflict(_) => 409,
+            OpError::Unavailable(_) => 503,
+            OpError::Internal(_) => 500,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            OpError::BadRequest(_) => "invalid_request",
+            OpError::NotFound(_) => "not_found",
+            OpError::Conflict(_) => "conflict",
+            OpError::Unavailable(_) => "store_unavailable",
+            OpError::Internal(_) => "internal_error",
+        }
+    }
+
+    /// `{"error": {"message", "type", "code"}}`.
+    pub fn to_json(&self) -> Value {
+        let kind = match self {
+            OpError::Unavailable(_) | OpError::Internal(_) => "api_error",
+            _ => "invalid_request_error",
+        };
+        json!({"error": {"message": self.to_string(), "type": kind, "code": self.code()}})
+    }
+}
+
+impl From<StoreError> for OpError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(what) => OpError::NotFound(format!("{what} not found")),
+            StoreError::Conflict(m) => OpError::Conflict(m),
+            StoreError::Invalid(m) => OpError::BadRequest(m),
+            StoreError::Unavailable(m) => OpError::Unavailable(format!("the store is unavailable: {m}")),
+            StoreError::Internal(m) => OpError::Internal(m),
+        }
+    }
+}
+
+pub type OpResult = Result<Value, OpError>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAccount {
+    pub name: String,
+    pub email: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    pub name: String,
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub allowed_models: Vec<String>,
+    #[serde(default)]
+    pub rpm_limit: Option<u32>,
+    #[serde(default)]
+    pub tpm_limit: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopUp {
+    /// A decimal string, e.g. `"12.50"` (a JSON number is refused: it may not be exact).
+    pub amount_usd: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateAccount {
+    pub status: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutProviderKey {
+    pub api_key: String,
+}
+
+pub fn account_json(a: &Account) -> Value {
+    json!({"id": a.id, "object": "account", "name": a.name, "email": a.email, "status": a.status, "created_at": a.created_at})
+}
+
+pub fn key_json(k: &KeyInfo) -> Value {
+    json!({
+        "id": k.id, "object": "api_key", "account_id": k.account_id, "name": k.name, "prefix": k.prefix,
+        "created_at": k.created_at, "last_used_at": k.last_used_at, "expires_at": k.expires_at,
+        "revoked_at": k.revoked_at, "allowed_models": k.allowed_models,
+        "rpm_limit": k.rpm_limit, "tpm_limit": k.tpm_limit,
+    })
+}
+
+pub fn wallet_json(w: &Wallet) -> Value {
+    json!({
+        "account_id": w.account_id, "object": "wallet",
+        "balance_usd": Usd(w.balance_nano_usd).to_string(), "balance_nano_usd": w.balance_nano_usd,
+        "updated_at": w.updated_at,
+    })
+}
+
+fn valid_email(email: &str) -> bool {
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    !local.is_empty() && domain.contains('.') && email.len() <= 254 && !email.chars().any(char::is_whitespace)
+}
+
+pub async fn create_account(store: &dyn Store, body: CreateAccount) -> OpResult {
+    let name = body.name.trim();
+    if name.is_empty() || name.len() > 200 {
+        return Err(OpError::BadRequest("`name` must be 1 to 200 characters".into()));
+    }
+    if !valid_email(body.email.trim()) {
+        return Err(OpError::BadRequest("`email` is not an email address".into()));
+    }
+    Ok(account_json(&store.create_account(name, body.email.trim()).await?))
+}
+
+pub async fn get_account(store: &dyn Store, id: &str) -> OpResult {
+    Ok(account_json(&store.get_account(id).await?))
+}
+
+pub async fn list_accounts(store: &dyn Store, limit: u32, after: Option<&str>) -> OpResult {
+    let limit = limit.clamp(1, 1000);
+    let accounts = store.list_accounts(limit + 1, after).await?;
+    let has_more = accounts.len() > limit as usize;
+    let data: Vec<Value> = accounts.iter().take(limit as usize).map(account_json).collect();
+    Ok(json!({"object": "list", "data": data, "has_more": has_more}))
+}
+
+pub async fn update_account(store: &dyn Store, id: &str, body: UpdateAccount) -> OpResult {
+    let status = match body.status.as_str() {
+        "active" => AccountStatus::Active,
+        "disabled" => AccountStatus::Disabled,
+        other => {
+            return Err(OpError::BadRequest(format!(
+                "`status` must be active or disabled, not `{other}`"
+            )))
+        }
+    };
+    let current = store.get_account(id).await?;
+    if current.status == AccountStatus::Erased {
+        return Err(OpError::Conflict("the account was erased".into()));
+    }
+    Ok(account_json(&store.set_account_status(id, status).await?))
+}
+
+pub async fn create_key(store: &dyn Store, account_id: &str, body: CreateKey) -> OpResult {
+    let name = body.name.trim();
+    if name.is_empty() || name.len() > 200 {
+        return Err(OpError::BadRequest("`name` must be 1 to 200 characters".into()));
+    }
+    if body.expires_at.is_some_and(|t| t <= Utc::now()) {
+        return Err(OpError::BadRequest("`expires_at` is in the past".into()));
+    }
+    if body.rpm_limit == Some(0) || body.tpm_limit == Some(0) {
+        return Err(OpError::BadRequest(
+            "limits must be at least 1 (leave them out for no limit)".into(),
+        ));
+    }
+    let limits = KeyLimits {
+        expires_at: body.expires_at,
+        allowed_models: body.allowed_models,
+        rpm_limit: body.rpm_limit,
+        tpm_limit: body.tpm_limit,
+    };
+    let (secret, digest, prefix) = generate_api_key();
+    let info = store.create_key(account_id, name, digest, &prefix, &limits).await?;
+    let mut out = key_json(&info);
+    // The only time the key is ever shown.
+    out["key"] = Value::String(secret);
+    Ok(out)
+}
+
+pub async fn list_keys(store: &dyn Store, account_id: &str) -> OpResult {
+    let keys = store.list_keys(account_id).await?;
+    Ok(json!({"object": "list", "data": keys.iter().map(key_json).collect::<Vec<_>>()}))
+}
+
+pub async fn revoke_key(store: &dyn Store, key_id: &str) -> Result<(), OpError> {
+    Ok(store.revoke_key(key_id).await?)
+}
+
+pub async fn wallet(store: &dyn Store, account_id: &str) -> OpResult {
+    Ok(wallet_json(&store.wallet(account_id).await?))
+}
+
+/// Credit `amount_usd`; `reference` (an idempotency key) makes a retried call a no-op.
+pub async fn top_up(store: &dyn Store, account_id: &str, body: TopUp, reference: Option<&str>) -> OpResult {
+    let amount = parse_usd(&body.amount_usd).map_err(|e| OpError::BadRequest(format!("`amount_usd`: {e}")))?;
+    if amount <= 0 || amount > MAX_TOP_UP_USD * crate::money::NANOS_PER_USD {
+        return Err(OpError::BadRequest(format!(
+            "`amount_usd` must be above 0 and at most {MAX_TOP_UP_USD}"
+        )));
+    }
+    let reference = reference.map_or_else(|| new_id("topup"), str::to_owned);
+    let (wallet, credited) = store.credit(account_id, amount, "admin", &reference).await?;
+    let mut out = wallet_json(&wallet);
+    out["credited"] = Value::Bool(credited);
+    Ok(out)
+}
+
+pub async fn put_provider_key(
+    store: &dyn Store,
+    keys: Option<&MasterKeys>,
+    account_id: &str,
+    provider: &str,
+    body: PutProviderKey,
+) -> Result<(), OpError> {
+    let keys = keys.ok_or_else(|| {
+        OpError::BadRequest(
+            "provider keys need a master key: set KOMILION_MASTER_KEY in the gateway's environment".into(),
+        )
+    })?;
+    if body.api_key.trim().is_empty() {
+        return Err(OpError::BadRequest("`api_key` must not be empty".into()));
+    }
+    let sealed = keys.seal(body.api_key.trim().as_bytes(), account_id, provider);
+    Ok(store.put_provider_key(account_id, provider, &sealed).await?)
+}
+
+pub async fn list_provider_keys(store: &dyn Store, account_id: &str) -> OpResult {
+    let keys = store.list_provider_keys(account_id).await?;
+    Ok(json!({"object": "list", "data": keys}))
+}
+
+pub async fn delete_provider_key(store: &dyn Store, account_id: &str, provider: &str) -> Result<(), OpError> {
+    Ok(store.delete_provider_key(account_id, provider).await?)
+}

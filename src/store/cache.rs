@@ -1,0 +1,139 @@
+//! The store as plugins see it: [`KeyLookup`] and [`AccountLookup`] behind moka caches, so a
+//! warm key costs no store round trip. Entries are dropped when the store announces a change
+//! (LISTEN/NOTIFY on PostgreSQL), and expire anyway after [`POSITIVE_TTL`] as a safety net.
+
+use super::{AccountStatus, Store, StoreError, StoreEvent};
+use async_trait::async_trait;
+use komilion_sdk::{AccountLookup, KeyGrant, KeyLookup, Principal, StoreUnavailable};
+use moka::future::Cache;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// How long a found key or account is trusted without a change notice.
+pub const POSITIVE_TTL: Duration = Duration::from_secs(60);
+/// How long "no such key" is remembered (bounds store load from key-guessing).
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(10);
+
+/// The store once it is open. Empty until the store service has opened it (after Pingora's
+/// daemon fork, in the runtime that will own its connections).
+pub type StoreSlot = Arc<OnceLock<Arc<dyn Store>>>;
+
+fn unavailable(e: StoreError) -> StoreUnavailable {
+    StoreUnavailable(e.to_string())
+}
+
+fn store(slot: &StoreSlot) -> Result<&Arc<dyn Store>, StoreUnavailable> {
+    slot.get()
+        .ok_or_else(|| StoreUnavailable("the store is still opening".into()))
+}
+
+/// Cached key and account lookups, shared by every plugin of the gateway.
+pub struct StoreCache {
+    slot: StoreSlot,
+    keys: Cache<[u8; 32], Option<KeyGrant>>,
+    accounts: Cache<String, Option<bool>>,
+    /// Key ids used since the last flush of `last_used_at`.
+    used: Mutex<HashSet<String>>,
+}
+
+impl StoreCache {
+    pub fn new(slot: StoreSlot) -> Arc<StoreCache> {
+        Arc::new(StoreCache {
+            slot,
+            keys: Cache::builder()
+                .max_capacity(1_000_000)
+                .expire_after(TtlByOutcome)
+                .build(),
+            accounts: Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(POSITIVE_TTL)
+                .build(),
+            used: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn slot(&self) -> &StoreSlot {
+        &self.slot
+    }
+
+    /// Apply a change notice.
+    pub async fn apply(&self, event: &StoreEvent) {
+        match event {
+            StoreEvent::Key(digest) => self.keys.invalidate(digest).await,
+            StoreEvent::Account(id) => {
+                self.accounts.invalidate(id).await;
+                // Keys carry their account's status: drop them all (status changes are rare).
+                self.keys.invalidate_all();
+            }
+            StoreEvent::Wallet(_) => {}
+            StoreEvent::Resync => {
+                self.keys.invalidate_all();
+                self.accounts.invalidate_all();
+            }
+        }
+    }
+
+    /// Key ids used since the last call (for a batched `last_used_at` update).
+    pub fn take_used(&self) -> Vec<String> {
+        self.used.lock().map(|mut u| u.drain().collect()).unwrap_or_default()
+    }
+}
+
+/// Found keys live [`POSITIVE_TTL`], misses [`NEGATIVE_TTL`].
+struct TtlByOutcome;
+
+impl moka::Expiry<[u8; 32], Option<KeyGrant>> for TtlByOutcome {
+    fn expire_after_create(&self, _: &[u8; 32], value: &Option<KeyGrant>, _: std::time::Instant) -> Option<Duration> {
+        Some(if value.is_some() { POSITIVE_TTL } else { NEGATIVE_TTL })
+    }
+}
+
+#[async_trait]
+impl KeyLookup for StoreCache {
+    async fn lookup(&self, digest: [u8; 32]) -> Result<Option<KeyGrant>, StoreUnavailable> {
+        let grant = self
+            .keys
+            .try_get_with(digest, async {
+                let record = store(&self.slot)?.find_key(digest).await.map_err(unavailable)?;
+                Ok::<_, StoreUnavailable>(record.map(|r| KeyGrant {
+                    principal: Principal {
+                        account_id: r.key.account_id,
+                        key_id: r.key.id,
+                        allowed_models: r.key.allowed_models,
+                        rpm_limit: r.key.rpm_limit,
+                        tpm_limit: r.key.tpm_limit,
+                    },
+                    expires_at: r.key.expires_at.map(|t| t.timestamp()),
+                    revoked: r.key.revoked_at.is_some(),
+                    account_active: r.account_status == AccountStatus::Active,
+                }))
+            })
+            .await
+            .map_err(|e: Arc<StoreUnavailable>| (*e).clone())?;
+        if let Some(g) = &grant {
+            if let Ok(mut used) = self.used.lock() {
+                if !used.contains(&g.principal.key_id) {
+                    used.insert(g.principal.key_id.clone());
+                }
+            }
+        }
+        Ok(grant)
+    }
+}
+
+#[async_trait]
+impl AccountLookup for StoreCache {
+    async fn account_active(&self, account_id: &str) -> Result<Option<bool>, StoreUnavailable> {
+        self.accounts
+            .try_get_with(account_id.to_owned(), async {
+                match store(&self.slot)?.get_account(account_id).await {
+                    Ok(a) => Ok(Some(a.status == AccountStatus::Active)),
+                    Err(StoreError::NotFound(_)) => Ok(None),
+                    Err(e) => Err(unavailable(e)),
+                }
+            })
+            .await
+            .map_err(|e: Arc<StoreUnavailable>| (*e).clone())
+    }
+}

@@ -1,0 +1,582 @@
+//! The shared store: PostgreSQL through a deadpool of tokio-postgres connections.
+//!
+//! Several gateway instances share it. Changes (keys revoked, accounts disabled, wallets
+//! credited) are announced with NOTIFY on the channel `komilion_<schema>` by triggers and by
+//! the credit transaction, and every instance LISTENs on it: a revoked key stops working on all
+//! of them within a second.
+//!
+//! All I/O runs on the runtime that opened the store (connections and the listener are tasks
+//! there), whatever runtime calls in: Pingora gives each service its own runtime, and a
+//! connection must not die with the runtime that happened to open it.
+
+use super::migrate::POSTGRES;
+use super::*;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use std::str::FromStr;
+use tokio::runtime::Handle;
+use tokio_postgres::{AsyncMessage, NoTls, Row};
+
+pub struct PgStore {
+    pool: Pool,
+    runtime: Handle,
+    events: broadcast::Sender<StoreEvent>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+fn pg_error(e: tokio_postgres::Error) -> StoreError {
+    if let Some(db) = e.as_db_error() {
+        use tokio_postgres::error::SqlState;
+        let code = db.code();
+        if *code == SqlState::UNIQUE_VIOLATION
+            || *code == SqlState::CHECK_VIOLATION
+            || *code == SqlState::FOREIGN_KEY_VIOLATION
+        {
+            return StoreError::Conflict(db.message().to_owned());
+        }
+        return StoreError::Internal(db.to_string());
+    }
+    // Not an error from the server: the connection is broken or was never made.
+    StoreError::Unavailable(e.to_string())
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg_error(e),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+const ACCOUNT_COLUMNS: &str = "id, name, email, status, created_at";
+const KEY_COLUMNS: &str = "k.id, k.account_id, k.name, k.prefix, k.created_at, k.last_used_at, k.expires_at, \
+     k.revoked_at, k.allowed_models, k.rpm_limit, k.tpm_limit";
+
+fn account_from(row: &Row) -> StoreResult<Account> {
+    Ok(Account {
+        id: row.get(0),
+        name: row.get(1),
+        email: row.get(2),
+        status: AccountStatus::parse(row.get(3))?,
+        created_at: row.get(4),
+    })
+}
+
+fn key_from(row: &Row) -> KeyInfo {
+    KeyInfo {
+        id: row.get(0),
+        account_id: row.get(1),
+        name: row.get(2),
+        prefix: row.get(3),
+        created_at: row.get(4),
+        last_used_at: row.get(5),
+        expires_at: row.get(6),
+        revoked_at: row.get(7),
+        allowed_models: row.get(8),
+        rpm_limit: row.get::<_, Option<i32>>(9).map(|v| v as u32),
+        tpm_limit: row.get::<_, Option<i32>>(10).map(|v| v as u32),
+    }
+}
+
+type Client = deadpool_postgres::Object;
+
+async fn get_account(c: &impl deadpool_postgres::GenericClient, id: &str) -> StoreResult<Account> {
+    let row = c
+        .query_opt(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1"), &[&id])
+        .await
+        .map_err(pg_error)?
+        .ok_or(StoreError::NotFound("account"))?;
+    account_from(&row)
+}
+
+async fn get_wallet(c: &impl deadpool_postgres::GenericClient, account_id: &str) -> StoreResult<Wallet> {
+    get_account(c, account_id).await?;
+    let row = c
+        .query_opt(
+            "SELECT balance_nano_usd, updated_at FROM wallets WHERE account_id = $1",
+            &[&account_id],
+        )
+        .await
+        .map_err(pg_error)?;
+    Ok(match row {
+        Some(row) => Wallet {
+            account_id: account_id.to_owned(),
+            balance_nano_usd: row.get(0),
+            updated_at: row.get(1),
+        },
+        None => Wallet {
+            account_id: account_id.to_owned(),
+            balance_nano_usd: 0,
+            updated_at: DateTime::default(),
+        },
+    })
+}
+
+impl PgStore {
+    /// Connect, apply pending migrations and start listening for changes.
+    pub async fn connect(url: &str) -> StoreResult<PgStore> {
+        let mut config =
+            tokio_postgres::Config::from_str(url).map_err(|e| StoreError::Invalid(format!("store URL: {e}")))?;
+        config.connect_timeout(Duration::from_secs(2));
+        config.keepalives_idle(Duration::from_secs(30));
+        config.application_name("komilion");
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(16)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(OPERATION_TIMEOUT))
+            .create_timeout(Some(Duration::from_secs(2)))
+            .recycle_timeout(Some(Duration::from_secs(2)))
+            .build()
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let client = bounded(async { pool.get().await.map_err(pool_error) }).await?;
+        let schema: String = client
+            .query_one("SELECT current_schema()", &[])
+            .await
+            .map_err(pg_error)?
+            .get(0);
+        bounded(migrate(client)).await?;
+        let (events, _) = broadcast::channel(1024);
+        let runtime = Handle::current();
+        let listener = runtime.spawn(listen(config, format!("komilion_{schema}"), events.clone()));
+        Ok(PgStore {
+            pool,
+            runtime,
+            events,
+            listener,
+        })
+    }
+
+    /// Run `f` with a pooled connection, on the store's runtime, within the time bound.
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Client) -> BoxFuture<'static, StoreResult<T>> + Send + 'static,
+    ) -> StoreResult<T> {
+        let pool = self.pool.clone();
+        let task = self.runtime.spawn(async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            f(client).await
+        });
+        bounded(async { task.await.map_err(|e| StoreError::Unavailable(e.to_string()))? }).await
+    }
+}
+
+async fn migrate(mut client: Client) -> StoreResult<()> {
+    let tx = client.transaction().await.map_err(pg_error)?;
+    // One instance migrates at a time; the others wait here, then find nothing to do.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('komilion_migrations_' || current_schema()))",
+        &[],
+    )
+    .await
+    .map_err(pg_error)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+    )
+    .await
+    .map_err(pg_error)?;
+    for m in POSTGRES {
+        let done: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = $1)",
+                &[&m.version],
+            )
+            .await
+            .map_err(pg_error)?
+            .get(0);
+        if !done {
+            tx.batch_execute(m.sql)
+                .await
+                .map_err(|e| StoreError::Internal(format!("migration {}: {e}", m.version)))?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                &[&m.version, &m.name],
+            )
+            .await
+            .map_err(pg_error)?;
+        }
+    }
+    tx.commit().await.map_err(pg_error)
+}
+
+/// LISTEN on `channel` forever, forwarding notifications; on a lost connection, reconnect and
+/// announce a resync (notifications sent meanwhile are lost, so caches must be dropped).
+async fn listen(config: tokio_postgres::Config, channel: String, events: broadcast::Sender<StoreEvent>) {
+    let mut backoff = Duration::from_millis(100);
+    let mut first = true;
+    loop {
+        match config.connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let pump = tokio::spawn(async move {
+                    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(Ok(message)) = messages.next().await {
+                        if let AsyncMessage::Notification(n) = message {
+                            let _ = tx.send(n.payload().to_owned());
+                        }
+                    }
+                });
+                let quoted = format!("\"{}\"", channel.replace('"', "\"\""));
+                if client.batch_execute(&format!("LISTEN {quoted}")).await.is_ok() {
+                    backoff = Duration::from_millis(100);
+                    if !first {
+                        let _ = events.send(StoreEvent::Resync);
+                    }
+                    first = false;
+                    while let Some(payload) = rx.recv().await {
+                        if let Some(event) = StoreEvent::decode(&payload) {
+                            let _ = events.send(event);
+                        }
+                    }
+                }
+                pump.abort();
+                tracing::warn!("store listener lost its connection; reconnecting");
+            }
+            Err(e) => tracing::warn!("store listener cannot connect: {e}"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn create_account(&self, name: &str, email: &str) -> StoreResult<Account> {
+        let (name, email) = (name.to_owned(), email.to_owned());
+        self.with(move |mut c| {
+            Box::pin(async move {
+                let tx = c.transaction().await.map_err(pg_error)?;
+                let id = new_id("acct");
+                let row = tx
+                    .query_one(
+                        &format!(
+                            "INSERT INTO accounts (id, name, email) VALUES ($1, $2, $3) RETURNING {ACCOUNT_COLUMNS}"
+                        ),
+                        &[&id, &name, &email],
+                    )
+                    .await
+                    .map_err(|e| match pg_error(e) {
+                        StoreError::Conflict(_) => {
+                            StoreError::Conflict("an account with this email already exists".into())
+                        }
+                        other => other,
+                    })?;
+                tx.execute("INSERT INTO wallets (account_id) VALUES ($1)", &[&id])
+                    .await
+                    .map_err(pg_error)?;
+                tx.commit().await.map_err(pg_error)?;
+                account_from(&row)
+            })
+        })
+        .await
+    }
+
+    async fn get_account(&self, id: &str) -> StoreResult<Account> {
+        let id = id.to_owned();
+        self.with(move |c| Box::pin(async move { get_account(&c, &id).await }))
+            .await
+    }
+
+    async fn list_accounts(&self, limit: u32, after: Option<&str>) -> StoreResult<Vec<Account>> {
+        let after = after.unwrap_or("").to_owned();
+        self.with(move |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id > $1 ORDER BY id LIMIT $2"),
+                        &[&after, &(limit as i64)],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                rows.iter().map(account_from).collect()
+            })
+        })
+        .await
+    }
+
+    async fn set_account_status(&self, id: &str, status: AccountStatus) -> StoreResult<Account> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_opt(
+                        &format!("UPDATE accounts SET status = $2 WHERE id = $1 RETURNING {ACCOUNT_COLUMNS}"),
+                        &[&id, &status.as_str()],
+                    )
+                    .await
+                    .map_err(pg_error)?
+                    .ok_or(StoreError::NotFound("account"))?;
+                account_from(&row)
+            })
+        })
+        .await
+    }
+
+    async fn create_key(
+        &self,
+        account_id: &str,
+        name: &str,
+        digest: [u8; 32],
+        prefix: &str,
+        limits: &KeyLimits,
+    ) -> StoreResult<KeyInfo> {
+        let (account_id, name, prefix, limits) = (
+            account_id.to_owned(),
+            name.to_owned(),
+            prefix.to_owned(),
+            limits.clone(),
+        );
+        self.with(move |c| {
+            Box::pin(async move {
+                let account = get_account(&c, &account_id).await?;
+                if account.status != AccountStatus::Active {
+                    return Err(StoreError::Invalid(format!("the account is {}", account.status.as_str())));
+                }
+                let id = new_id("key");
+                let row = c
+                    .query_one(
+                        &format!(
+                            "INSERT INTO api_keys (id, account_id, name, prefix, digest, expires_at, allowed_models, rpm_limit, tpm_limit)
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {}",
+                            KEY_COLUMNS.replace("k.", "")
+                        ),
+                        &[
+                            &id,
+                            &account_id,
+                            &name,
+                            &prefix,
+                            &&digest[..],
+                            &limits.expires_at,
+                            &limits.allowed_models,
+                            &limits.rpm_limit.map(|v| v as i32),
+                            &limits.tpm_limit.map(|v| v as i32),
+                        ],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                Ok(key_from(&row))
+            })
+        })
+        .await
+    }
+
+    async fn list_keys(&self, account_id: &str) -> StoreResult<Vec<KeyInfo>> {
+        let account_id = account_id.to_owned();
+        self.with(move |c| {
+            Box::pin(async move {
+                get_account(&c, &account_id).await?;
+                let rows = c
+                    .query(
+                        &format!(
+                            "SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.account_id = $1 ORDER BY k.created_at, k.id"
+                        ),
+                        &[&account_id],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                Ok(rows.iter().map(key_from).collect())
+            })
+        })
+        .await
+    }
+
+    async fn revoke_key(&self, key_id: &str) -> StoreResult<()> {
+        let key_id = key_id.to_owned();
+        self.with(move |c| {
+            Box::pin(async move {
+                let n = c
+                    .execute(
+                        "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1",
+                        &[&key_id],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                if n == 0 {
+                    return Err(StoreError::NotFound("key"));
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn find_key(&self, digest: [u8; 32]) -> StoreResult<Option<KeyRecord>> {
+        self.with(move |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_opt(
+                        &format!(
+                            "SELECT {KEY_COLUMNS}, a.status FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.digest = $1"
+                        ),
+                        &[&&digest[..]],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                row.map(|row| Ok(KeyRecord { key: key_from(&row), account_status: AccountStatus::parse(row.get(11))? }))
+                    .transpose()
+            })
+        })
+        .await
+    }
+
+    async fn touch_keys(&self, key_ids: &[String], at: DateTime<Utc>) -> StoreResult<()> {
+        let key_ids = key_ids.to_vec();
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "UPDATE api_keys SET last_used_at = GREATEST(COALESCE(last_used_at, $2), $2) WHERE id = ANY($1)",
+                    &[&key_ids, &at],
+                )
+                .await
+                .map_err(pg_error)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn wallet(&self, account_id: &str) -> StoreResult<Wallet> {
+        let account_id = account_id.to_owned();
+        self.with(move |c| Box::pin(async move { get_wallet(&c, &account_id).await }))
+            .await
+    }
+
+    async fn credit(&self, account_id: &str, amount: i64, kind: &str, reference: &str) -> StoreResult<(Wallet, bool)> {
+        if amount <= 0 {
+            return Err(StoreError::Invalid("a credit must be positive".into()));
+        }
+        let (account_id, kind, reference) = (account_id.to_owned(), kind.to_owned(), reference.to_owned());
+        self.with(move |mut c| {
+            Box::pin(async move {
+                let tx = c.transaction().await.map_err(pg_error)?;
+                get_account(&tx, &account_id).await?;
+                let inserted = tx
+                    .execute(
+                        "INSERT INTO wallet_credits (kind, reference, account_id, amount_nano_usd) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (kind, reference) DO NOTHING",
+                        &[&kind, &reference, &account_id, &amount],
+                    )
+                    .await
+                    .map_err(pg_error)?
+                    == 1;
+                if inserted {
+                    tx.execute(
+                        "INSERT INTO wallets (account_id, balance_nano_usd) VALUES ($1, $2)
+                         ON CONFLICT (account_id) DO UPDATE SET balance_nano_usd = wallets.balance_nano_usd + EXCLUDED.balance_nano_usd,
+                         updated_at = now()",
+                        &[&account_id, &amount],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                    tx.execute(
+                        "SELECT pg_notify('komilion_' || current_schema(), 'wallet:' || $1::text)",
+                        &[&account_id],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                }
+                let wallet = get_wallet(&tx, &account_id).await?;
+                tx.commit().await.map_err(pg_error)?;
+                Ok((wallet, inserted))
+            })
+        })
+        .await
+    }
+
+    async fn put_provider_key(&self, account_id: &str, provider: &str, secret: &SealedSecret) -> StoreResult<()> {
+        let (account_id, provider, secret) = (account_id.to_owned(), provider.to_owned(), secret.clone());
+        self.with(move |c| {
+            Box::pin(async move {
+                get_account(&c, &account_id).await?;
+                c.execute(
+                    "INSERT INTO provider_keys (account_id, provider, key_version, nonce, ciphertext) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (account_id, provider) DO UPDATE SET key_version = EXCLUDED.key_version,
+                     nonce = EXCLUDED.nonce, ciphertext = EXCLUDED.ciphertext, created_at = now()",
+                    &[&account_id, &provider, &secret.key_version, &secret.nonce, &secret.ciphertext],
+                )
+                .await
+                .map_err(pg_error)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn get_provider_key(&self, account_id: &str, provider: &str) -> StoreResult<Option<SealedSecret>> {
+        let (account_id, provider) = (account_id.to_owned(), provider.to_owned());
+        self.with(move |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_opt(
+                        "SELECT key_version, nonce, ciphertext FROM provider_keys WHERE account_id = $1 AND provider = $2",
+                        &[&account_id, &provider],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                Ok(row.map(|r| SealedSecret { key_version: r.get(0), nonce: r.get(1), ciphertext: r.get(2) }))
+            })
+        })
+        .await
+    }
+
+    async fn list_provider_keys(&self, account_id: &str) -> StoreResult<Vec<ProviderKeyInfo>> {
+        let account_id = account_id.to_owned();
+        self.with(move |c| {
+            Box::pin(async move {
+                get_account(&c, &account_id).await?;
+                let rows = c
+                    .query(
+                        "SELECT provider, key_version, created_at FROM provider_keys WHERE account_id = $1 ORDER BY provider",
+                        &[&account_id],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| ProviderKeyInfo { provider: r.get(0), key_version: r.get(1), created_at: r.get(2) })
+                    .collect())
+            })
+        })
+        .await
+    }
+
+    async fn delete_provider_key(&self, account_id: &str, provider: &str) -> StoreResult<()> {
+        let (account_id, provider) = (account_id.to_owned(), provider.to_owned());
+        self.with(move |c| {
+            Box::pin(async move {
+                let n = c
+                    .execute(
+                        "DELETE FROM provider_keys WHERE account_id = $1 AND provider = $2",
+                        &[&account_id, &provider],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                if n == 0 {
+                    return Err(StoreError::NotFound("provider key"));
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        self.events.subscribe()
+    }
+}
