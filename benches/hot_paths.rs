@@ -116,5 +116,56 @@ fn chain(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, sse, json, chain);
+/// `key_auth` with a warm cache: the cost every request pays to authenticate (target ≤ 2 µs).
+fn warm_key_auth(c: &mut Criterion) {
+    use komilion::admin::ops;
+    use komilion::store::cache::StoreCache;
+    use komilion_plugins::key_auth::{KeyAuth, KeyAuthSettings};
+    use komilion_sdk::Plugin;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let (cache, secret) = rt.block_on(async {
+        let store = komilion::store::open(&url).await.unwrap();
+        let account = ops::create_account(
+            store.as_ref(),
+            ops::CreateAccount {
+                name: "b".into(),
+                email: "b@example.com".into(),
+            },
+        )
+        .await
+        .unwrap();
+        let key = ops::create_key(
+            store.as_ref(),
+            account["id"].as_str().unwrap(),
+            ops::CreateKey {
+                name: "k".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let slot: komilion::store::cache::StoreSlot = Default::default();
+        let _ = slot.set(store);
+        (StoreCache::new(slot), key["key"].as_str().unwrap().to_owned())
+    });
+    let plugin = KeyAuth::new(cache, KeyAuthSettings::default());
+    let mut headers = http::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {secret}").parse().unwrap());
+    let req = RequestView::new(http::Method::POST, "/v1/chat/completions", headers);
+    let run = || async {
+        let mut ex = Exchange::new(String::new(), Surface::OpenAi, Instant::now());
+        let flow = plugin.on_headers(&req, &mut ex).await;
+        assert!(ex.principal.is_some());
+        flow
+    };
+    rt.block_on(run());
+    c.bench_function("key_auth with a warm cache", |b| b.to_async(&rt).iter(run));
+}
+
+criterion_group!(benches, sse, json, chain, warm_key_auth);
 criterion_main!(benches);

@@ -148,11 +148,13 @@ plugins:
             });
             let _ = writeln!(out, "{line}");
         } else {
-            let _ = write!(
-                out,
-                "{}",
-                instructions(&base_url, &demo_key, &metrics_url, &catalog, &models)
+            let admin = (
+                format!("http://127.0.0.1:{admin_port}/admin/v1"),
+                admin_token,
+                account_id,
             );
+            let text = instructions(&base_url, &demo_key, &metrics_url, &admin, &catalog, &models);
+            let _ = write!(out, "{text}");
         }
         let _ = out.flush();
         drop(mock);
@@ -234,7 +236,14 @@ fn health_ok(metrics: SocketAddr) -> bool {
     s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 200")
 }
 
-fn instructions(base_url: &str, key: &str, metrics_url: &str, catalog: &Catalog, models: &[String]) -> String {
+fn instructions(
+    base_url: &str,
+    key: &str,
+    metrics_url: &str,
+    (admin_url, admin_token, account_id): &(String, String, String),
+    catalog: &Catalog,
+    models: &[String],
+) -> String {
     let mut prices = String::new();
     for m in models.iter().filter_map(|m| catalog.get(m)) {
         prices.push_str(&format!(
@@ -248,8 +257,9 @@ fn instructions(base_url: &str, key: &str, metrics_url: &str, catalog: &Catalog,
         r#"Komilion demo is ready: the gateway in front of a simulated OpenAI provider (no network needed).
 
   base_url  {base_url}
-  api_key   {key}
+  api_key   {key}   (account {account_id}, $10 in its wallet)
   metrics   {metrics_url}
+  admin     {admin_url}   (Authorization: Bearer {admin_token})
 
   models (real names and prices; the answers are simulated):
 {prices}
@@ -269,6 +279,10 @@ Or with the official Python SDK (pip install openai):
   for chunk in client.chat.completions.create(
           model="gpt-4o-mini", stream=True, messages=[{{"role": "user", "content": "Stream, please"}}]):
       print(chunk.choices[0].delta.content or "", end="", flush=True)
+
+The admin API (accounts, keys, wallets):
+
+  curl {admin_url}/accounts/{account_id}/wallet -H "Authorization: Bearer {admin_token}"
 
 Press Ctrl-C to stop.
 "#

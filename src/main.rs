@@ -90,6 +90,8 @@ enum AdminCommand {
     ProviderKeys(ProviderKeysCommand),
     /// Print a new random master key (base64) for KOMILION_MASTER_KEY(S).
     NewMasterKey,
+    /// Re-seal every provider key with the first key of KOMILION_MASTER_KEYS (rotation).
+    ResealProviderKeys,
 }
 
 #[derive(Subcommand)]
@@ -274,6 +276,11 @@ async fn admin(url: &str, command: AdminCommand) -> anyhow::Result<()> {
         }
         AdminCommand::ProviderKeys(ProviderKeysCommand::Delete { account, provider }) => {
             ops::delete_provider_key(store, &account, &provider).await.map(|_| done)
+        }
+        AdminCommand::ResealProviderKeys => {
+            let keys = komilion::secrets::MasterKeys::from_env()?
+                .ok_or_else(|| anyhow::anyhow!("set KOMILION_MASTER_KEYS=new:<base64>,old:<base64>"))?;
+            ops::reseal_provider_keys(store, &keys).await
         }
         AdminCommand::NewMasterKey => unreachable!("handled above"),
     };

@@ -69,7 +69,8 @@ plugins:
     let out = Command::new(BIN)
         .args(["check", "-c", "conf/komilion.yaml"])
         .env("OPENAI_API_KEY", "sk-x")
-        .env("KOMILION_API_KEY", "sk-kml-0123456789abcdef")
+        .env("KOMILION_ADMIN_TOKEN", "an-admin-token-of-some-length")
+        .env("STRIPE_WEBHOOK_SECRET", "whsec_x")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -120,6 +121,21 @@ async fn demo_prints_a_ready_line_that_works() {
     let base_url = ready["base_url"].as_str().unwrap();
     let key = ready["api_key"].as_str().unwrap();
     assert!(key.starts_with("sk-kml-"));
+    // The admin API is there too, with the demo account and its $10.
+    let admin_url = ready["admin_url"].as_str().unwrap();
+    let wallet: serde_json::Value = http()
+        .get(format!(
+            "{admin_url}/accounts/{}/wallet",
+            ready["account_id"].as_str().unwrap()
+        ))
+        .bearer_auth(ready["admin_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(wallet["balance_usd"], "10");
 
     let config = async_openai::config::OpenAIConfig::new()
         .with_api_base(base_url)

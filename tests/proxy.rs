@@ -235,8 +235,9 @@ async fn two_hundred_concurrent_requests_get_their_own_answers() {
                     .send()
                     .await
                     .unwrap();
-                assert_eq!(resp.status(), 200);
+                let status = resp.status();
                 let text = resp.text().await.unwrap();
+                assert_eq!(status, 200, "caller {i}: {text}");
                 assert!(
                     text.contains(&format!("Echo: {nonce}")),
                     "caller {i} got someone else's answer"

@@ -260,3 +260,22 @@ pub async fn list_provider_keys(store: &dyn Store, account_id: &str) -> OpResult
 pub async fn delete_provider_key(store: &dyn Store, account_id: &str, provider: &str) -> Result<(), OpError> {
     Ok(store.delete_provider_key(account_id, provider).await?)
 }
+
+/// Re-seal every provider key with the current master key (the first of
+/// `KOMILION_MASTER_KEYS`). Returns how many were re-sealed.
+pub async fn reseal_provider_keys(store: &dyn Store, keys: &MasterKeys) -> OpResult {
+    let mut resealed = 0;
+    for (account_id, provider, sealed) in store.all_provider_keys().await? {
+        if sealed.key_version == keys.current_version() {
+            continue;
+        }
+        let plain = keys
+            .open(&sealed, &account_id, &provider)
+            .map_err(|e| OpError::BadRequest(format!("{account_id}/{provider}: {e}")))?;
+        store
+            .put_provider_key(&account_id, &provider, &keys.seal(&plain, &account_id, &provider))
+            .await?;
+        resealed += 1;
+    }
+    Ok(json!({"resealed": resealed, "key_version": keys.current_version()}))
+}

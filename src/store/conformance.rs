@@ -190,6 +190,10 @@ pub async fn provider_keys(store: &dyn Store) {
         (listed[0].provider.as_str(), listed[0].key_version.as_str()),
         ("openai", "v2")
     );
+    let all = store.all_provider_keys().await.expect("all");
+    assert!(all
+        .iter()
+        .any(|(a, p, s)| *a == account.id && p == "openai" && s.key_version == "v2"));
     store.delete_provider_key(&account.id, "openai").await.expect("delete");
     assert_eq!(store.get_provider_key(&account.id, "openai").await.expect("get"), None);
     assert_eq!(

@@ -216,6 +216,8 @@ pub trait Store: Send + Sync {
     async fn get_provider_key(&self, account_id: &str, provider: &str) -> StoreResult<Option<SealedSecret>>;
     async fn list_provider_keys(&self, account_id: &str) -> StoreResult<Vec<ProviderKeyInfo>>;
     async fn delete_provider_key(&self, account_id: &str, provider: &str) -> StoreResult<()>;
+    /// Every sealed provider key, for re-sealing with a new master key.
+    async fn all_provider_keys(&self) -> StoreResult<Vec<(String, String, SealedSecret)>>;
 
     /// Changes announced by any instance sharing this store (including this one).
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;

@@ -159,6 +159,12 @@ impl PgStore {
         })
     }
 
+    /// Tell this instance's subscribers at once; the NOTIFY (from triggers or the transaction)
+    /// tells the other instances, and this one a second time, harmlessly.
+    fn announce(&self, event: StoreEvent) {
+        let _ = self.events.send(event);
+    }
+
     /// Run `f` with a pooled connection, on the store's runtime, within the time bound.
     async fn with<T: Send + 'static>(
         &self,
@@ -326,6 +332,7 @@ impl Store for PgStore {
             })
         })
         .await
+        .inspect(|account| self.announce(StoreEvent::Account(account.id.clone())))
     }
 
     async fn create_key(
@@ -374,6 +381,7 @@ impl Store for PgStore {
             })
         })
         .await
+        .inspect(|_| self.announce(StoreEvent::Key(digest)))
     }
 
     async fn list_keys(&self, account_id: &str) -> StoreResult<Vec<KeyInfo>> {
@@ -400,20 +408,23 @@ impl Store for PgStore {
         let key_id = key_id.to_owned();
         self.with(move |c| {
             Box::pin(async move {
-                let n = c
-                    .execute(
-                        "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1",
+                let row = c
+                    .query_opt(
+                        "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1 RETURNING digest",
                         &[&key_id],
                     )
                     .await
-                    .map_err(pg_error)?;
-                if n == 0 {
-                    return Err(StoreError::NotFound("key"));
-                }
-                Ok(())
+                    .map_err(pg_error)?
+                    .ok_or(StoreError::NotFound("key"))?;
+                Ok(row.get::<_, Vec<u8>>(0))
             })
         })
         .await
+        .map(|digest| {
+            if let Ok(digest) = <[u8; 32]>::try_from(digest.as_slice()) {
+                self.announce(StoreEvent::Key(digest));
+            }
+        })
     }
 
     async fn find_key(&self, digest: [u8; 32]) -> StoreResult<Option<KeyRecord>> {
@@ -497,6 +508,11 @@ impl Store for PgStore {
             })
         })
         .await
+        .inspect(|(wallet, inserted)| {
+            if *inserted {
+                self.announce(StoreEvent::Wallet(wallet.account_id.clone()));
+            }
+        })
     }
 
     async fn put_provider_key(&self, account_id: &str, provider: &str, secret: &SealedSecret) -> StoreResult<()> {
@@ -571,6 +587,25 @@ impl Store for PgStore {
                     return Err(StoreError::NotFound("provider key"));
                 }
                 Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn all_provider_keys(&self) -> StoreResult<Vec<(String, String, SealedSecret)>> {
+        self.with(move |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT account_id, provider, key_version, nonce, ciphertext FROM provider_keys ORDER BY account_id, provider",
+                        &[],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1), SealedSecret { key_version: r.get(2), nonce: r.get(3), ciphertext: r.get(4) }))
+                    .collect())
             })
         })
         .await

@@ -510,6 +510,22 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn all_provider_keys(&self) -> StoreResult<Vec<(String, String, SealedSecret)>> {
+        self.with(move |conn| {
+            let mut stmt = conn
+                .prepare("SELECT account_id, provider, key_version, nonce, ciphertext FROM provider_keys ORDER BY account_id, provider")
+                .map_err(sql_error)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    let sealed = SealedSecret { key_version: r.get(2)?, nonce: r.get(3)?, ciphertext: r.get(4)? };
+                    Ok((r.get(0)?, r.get(1)?, sealed))
+                })
+                .map_err(sql_error)?;
+            rows.map(|r| r.map_err(sql_error)).collect()
+        })
+        .await
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
         self.events.subscribe()
     }

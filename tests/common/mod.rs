@@ -15,11 +15,20 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_komilion");
 pub const CLIENT_KEY: &str = "sk-kml-test-client-key-0123456789";
 pub const PROVIDER_KEY: &str = "sk-provider-secret-abcdef";
 
+/// A port for a listener of a process under test. Ports come from 20000-32000, below Linux's
+/// ephemeral range (so no client socket can be holding one), and a port is never handed out
+/// twice in one test binary, so parallel tests cannot collide.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() % 60) * 200;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (base + n % 12_000).clamp(20_000, 32_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A simulated OpenAI provider that requires [`PROVIDER_KEY`].
@@ -77,8 +86,16 @@ impl GatewayProcess {
         format!("http://127.0.0.1:{}/metrics", self.metrics_port)
     }
 
-    /// Start `komilion serve` with these providers, `extra` YAML appended (e.g. `limits:`).
+    /// Start `komilion serve` with these providers and static keys, `extra` YAML appended.
     pub fn start(providers: &[ProviderSpec], extra: &str) -> GatewayProcess {
+        let plugins = format!(
+            "plugins:\n  - name: request_id\n  - name: static_key_auth\n    settings:\n      keys:\n        - {{name: tester, key: \"{CLIENT_KEY}\", account: acct-1}}\n"
+        );
+        GatewayProcess::start_with(providers, &plugins, extra)
+    }
+
+    /// Start `komilion serve` with this `plugins:` section and `extra` YAML (e.g. `store:`).
+    pub fn start_with(providers: &[ProviderSpec], plugins: &str, extra: &str) -> GatewayProcess {
         let port = free_port();
         let metrics_port = free_port();
         let dir = tempfile::tempdir().expect("temp dir");
@@ -88,16 +105,14 @@ impl GatewayProcess {
         );
         for p in providers {
             yaml.push_str(&format!(
-                "  - name: {}\n    kind: openai\n    base_url: {}\n    api_key: ${{TEST_PROVIDER_KEY}}\n    models: [{}]\n    timeouts: {{connect_ms: 1000, first_byte_ms: {}, idle_ms: 2000}}\n",
+                "  - name: {}\n    kind: openai\n    base_url: {}\n    api_key: ${{TEST_PROVIDER_KEY}}\n    models: [{}]\n    timeouts: {{connect_ms: 3000, first_byte_ms: {}, idle_ms: 10000}}\n",
                 p.name,
                 p.base_url,
                 p.models.join(", "),
                 p.first_byte_ms
             ));
         }
-        yaml.push_str(&format!(
-            "plugins:\n  - name: request_id\n  - name: static_key_auth\n    settings:\n      keys:\n        - {{name: tester, key: \"{CLIENT_KEY}\", account: acct-1}}\n"
-        ));
+        yaml.push_str(plugins);
         yaml.push_str(extra);
         let config_path = dir.path().join("komilion.yaml");
         std::fs::write(&config_path, yaml).expect("write config");
@@ -105,6 +120,7 @@ impl GatewayProcess {
             .args(["serve", "-c"])
             .arg(&config_path)
             .env("TEST_PROVIDER_KEY", PROVIDER_KEY)
+            .env("KOMILION_MASTER_KEY", TEST_MASTER_KEY)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -215,4 +231,156 @@ pub fn sqlite_url() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite://{}", dir.path().join("komilion.db").display());
     (dir, url)
+}
+
+/// A fixed master key for sealing provider keys in tests (32 bytes, base64).
+pub const TEST_MASTER_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+
+pub const ADMIN_TOKEN: &str = "kml-admin-test-token-0123456789";
+
+/// The admin API of a gateway.
+#[derive(Clone)]
+pub struct Admin {
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl Admin {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("admin call");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// A new account with a key and a balance; returns (account id, key id, secret).
+    pub async fn account_with_key(
+        &self,
+        key_body: serde_json::Value,
+        top_up_usd: Option<&str>,
+    ) -> (String, String, String) {
+        let email = format!("{}@example.com", komilion::store::new_id("user"));
+        let (status, account) = self
+            .call(
+                reqwest::Method::POST,
+                "/accounts",
+                Some(serde_json::json!({"name": "Test", "email": email})),
+            )
+            .await;
+        assert_eq!(status, 201, "{account}");
+        let id = account["id"].as_str().unwrap().to_owned();
+        let (status, key) = self
+            .call(reqwest::Method::POST, &format!("/accounts/{id}/keys"), Some(key_body))
+            .await;
+        assert_eq!(status, 201, "{key}");
+        if let Some(usd) = top_up_usd {
+            let (status, w) = self
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/accounts/{id}/wallet/topup"),
+                    Some(serde_json::json!({"amount_usd": usd})),
+                )
+                .await;
+            assert_eq!(status, 200, "{w}");
+        }
+        (
+            id,
+            key["id"].as_str().unwrap().to_owned(),
+            key["key"].as_str().unwrap().to_owned(),
+        )
+    }
+}
+
+impl GatewayProcess {
+    /// A gateway on `store_url` with an admin listener and these plugins.
+    pub fn with_store(
+        providers: &[ProviderSpec],
+        store_url: &str,
+        plugins: &str,
+        extra: &str,
+    ) -> (GatewayProcess, Admin) {
+        let admin_port = free_port();
+        let extra = format!(
+            "store: \"{store_url}\"\nadmin:\n  listen: \"127.0.0.1:{admin_port}\"\n  token: \"{ADMIN_TOKEN}\"\n{extra}"
+        );
+        let gw = GatewayProcess::start_with(providers, plugins, &extra);
+        let admin = Admin {
+            base: format!("http://127.0.0.1:{admin_port}/admin/v1"),
+            client: http(),
+        };
+        (gw, admin)
+    }
+}
+
+/// The default plugin chain of store-backed tests.
+pub const STORE_PLUGINS: &str = "plugins:\n  - name: request_id\n  - name: key_auth\n  - name: rate_limit\n";
+
+/// POST a chat completion with `key`; the status and JSON body.
+pub async fn chat(gw: &GatewayProcess, key: &str, model: &str) -> (u16, serde_json::Value, reqwest::header::HeaderMap) {
+    let resp = http()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&chat_body(model, "hello", false))
+        .send()
+        .await
+        .expect("gateway answers");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    (status, resp.json().await.unwrap_or(serde_json::Value::Null), headers)
+}
+
+/// A TCP relay in front of a server, which a test can cut (every connection dropped, new ones
+/// closed at once) and restore: a store outage without stopping the shared server.
+pub struct Relay {
+    pub port: u16,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Relay {
+    pub async fn start(target: std::net::SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let port = listener.local_addr().expect("addr").port();
+        let (cut, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if *watch.borrow() {
+                    drop(inbound);
+                    continue;
+                }
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = watch.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Relay { port, cut }
+    }
+
+    pub fn cut(&self) {
+        let _ = self.cut.send(true);
+    }
+
+    pub fn restore(&self) {
+        let _ = self.cut.send(false);
+    }
 }
