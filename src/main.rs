@@ -136,6 +136,9 @@ enum KeysCommand {
         /// RFC 3339 time, e.g. 2027-01-01T00:00:00Z.
         #[arg(long)]
         expires_at: Option<chrono::DateTime<chrono::Utc>>,
+        /// Expected spend (decimal USD); alerts fire at a share of it.
+        #[arg(long)]
+        budget_usd: Option<String>,
     },
     List {
         account: String,
@@ -239,6 +242,7 @@ async fn admin(url: &str, command: AdminCommand) -> anyhow::Result<()> {
             rpm,
             tpm,
             expires_at,
+            budget_usd,
         }) => {
             let body = ops::CreateKey {
                 name,
@@ -246,6 +250,7 @@ async fn admin(url: &str, command: AdminCommand) -> anyhow::Result<()> {
                 allowed_models: models,
                 rpm_limit: rpm,
                 tpm_limit: tpm,
+                budget_usd,
             };
             ops::create_key(store, &account, body).await
         }

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use prometheus::{
-    register_histogram_vec, register_int_counter_vec, register_int_gauge, register_int_gauge_vec, Encoder,
-    HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, TextEncoder,
+    register_gauge, register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
+    register_int_gauge_vec, Encoder, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, TextEncoder,
 };
 use std::sync::LazyLock;
 
@@ -30,6 +30,26 @@ pub struct Metrics {
     /// Requests answered by a plugin (auth failures, limits, cache hits) by plugin and status.
     pub plugin_responses: IntCounterVec,
     pub build_info: IntGaugeVec,
+    /// Tokens by provider, model, task and direction (`input`, `output`).
+    pub tokens: IntCounterVec,
+    /// Cost in nano-USD by provider, model and task.
+    pub cost: IntCounterVec,
+    /// Requests refused by the wallet, by reason (`insufficient`, `disabled`, `unavailable`).
+    pub wallet_rejections: IntCounterVec,
+    /// Usage records that could not be appended to the spool.
+    pub spool_errors: IntCounter,
+    /// Spooled usage bytes not yet in the store.
+    pub spool_depth: IntGauge,
+    /// Age in seconds of the oldest spooled record not yet in the store.
+    pub spool_age: prometheus::Gauge,
+    /// Usage records written to the store.
+    pub usage_written: IntCounter,
+    /// Failed store writes by operation (`usage`, `lease`, `alert`).
+    pub store_errors: IntCounterVec,
+    /// Wallet leases this instance holds.
+    pub active_leases: IntGauge,
+    /// Alert webhooks delivered and failed.
+    pub alerts: IntCounterVec,
 }
 
 /// Seconds buckets from 10 µs to 2.5 s, for the gateway's own overhead.
@@ -93,6 +113,54 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         .expect("register komilion_plugin_responses_total"),
         build_info: register_int_gauge_vec!("komilion_build_info", "Build information.", &["version"])
             .expect("register komilion_build_info"),
+        tokens: register_int_counter_vec!(
+            "komilion_tokens_total",
+            "Tokens by provider, model, task and direction.",
+            &["provider", "model", "task", "direction"]
+        )
+        .expect("register komilion_tokens_total"),
+        cost: register_int_counter_vec!(
+            "komilion_cost_nano_usd_total",
+            "Cost of requests in nano-USD by provider, model and task.",
+            &["provider", "model", "task"]
+        )
+        .expect("register komilion_cost_nano_usd_total"),
+        wallet_rejections: register_int_counter_vec!(
+            "komilion_wallet_rejections_total",
+            "Requests refused by the wallet, by reason.",
+            &["reason"]
+        )
+        .expect("register komilion_wallet_rejections_total"),
+        spool_errors: register_int_counter!(
+            "komilion_usage_spool_errors_total",
+            "Usage records that could not be spooled."
+        )
+        .expect("register komilion_usage_spool_errors_total"),
+        spool_depth: register_int_gauge!(
+            "komilion_usage_spool_depth_bytes",
+            "Spooled usage bytes not yet in the store."
+        )
+        .expect("register komilion_usage_spool_depth_bytes"),
+        spool_age: register_gauge!(
+            "komilion_usage_spool_age_seconds",
+            "Age of the oldest spooled usage record not yet in the store."
+        )
+        .expect("register komilion_usage_spool_age_seconds"),
+        usage_written: register_int_counter!(
+            "komilion_usage_records_written_total",
+            "Usage records written to the store."
+        )
+        .expect("register komilion_usage_records_written_total"),
+        store_errors: register_int_counter_vec!(
+            "komilion_store_write_errors_total",
+            "Failed store writes by operation.",
+            &["operation"]
+        )
+        .expect("register komilion_store_write_errors_total"),
+        active_leases: register_int_gauge!("komilion_wallet_leases_active", "Wallet leases this instance holds.")
+            .expect("register komilion_wallet_leases_active"),
+        alerts: register_int_counter_vec!("komilion_alerts_total", "Alert webhooks by outcome.", &["outcome"])
+            .expect("register komilion_alerts_total"),
     };
     m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
     m

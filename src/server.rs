@@ -5,12 +5,14 @@ use crate::admin::AdminApi;
 use crate::chain::PluginChain;
 use crate::config::Config;
 use crate::metrics::MetricsApp;
-use crate::proxy::{Gateway, StripeEndpoint};
+use crate::proxy::{Billing, Gateway, StripeEndpoint};
 use crate::router::ModelTable;
 use crate::secrets::MasterKeys;
 use crate::store::cache::{StoreCache, StoreSlot};
-use crate::store::service::StoreService;
+use crate::store::service::{BillingWork, StoreService};
 use crate::upstream::{DnsRefresher, Upstreams};
+use crate::usage::spool::UsageSpool;
+use crate::wallet::WalletBook;
 use komilion_sdk::{ConfigIssue, PluginRegistry, PluginServices};
 use pingora::apps::http_app::HttpServer;
 use pingora::connectors::http::Connector;
@@ -35,6 +37,8 @@ pub enum BuildError {
     Store { url: String, reason: String },
     #[error("{0}")]
     Secrets(#[from] crate::secrets::SecretsError),
+    #[error("{0}")]
+    Spool(#[from] crate::usage::spool::SpoolError),
 }
 
 /// Pingora's process settings from ours.
@@ -118,6 +122,15 @@ pub fn build_server(config: &Config, mut opt: Opt) -> Result<Server, BuildError>
         &komilion_plugins::builtin_registry(),
         &plugin_services(cache.as_ref()),
     )?;
+    let billing = match &config.store {
+        Some(_) => {
+            let spool = Arc::new(UsageSpool::open(std::path::Path::new(&config.usage.spool_dir))?);
+            let instance_id = crate::store::new_id("inst");
+            let wallets = Arc::new(WalletBook::new(slot.clone(), instance_id, config.wallets.clone()));
+            Some(Billing { wallets, spool })
+        }
+        None => None,
+    };
     let upstreams = Arc::new(Upstreams::new(&config.providers).map_err(BuildError::Upstream)?);
     let gateway = Gateway {
         chain,
@@ -130,6 +143,12 @@ pub fn build_server(config: &Config, mut opt: Opt) -> Result<Server, BuildError>
             tolerance_secs: s.tolerance_secs,
             store: slot.clone(),
         }),
+        catalog: config.catalog.clone(),
+        billing: billing.as_ref().map(|b| Billing {
+            wallets: b.wallets.clone(),
+            spool: b.spool.clone(),
+        }),
+        store: config.store.as_ref().map(|_| slot.clone()),
     };
 
     let mut server = Server::new_with_opt_and_conf(opt, conf);
@@ -155,13 +174,19 @@ pub fn build_server(config: &Config, mut opt: Opt) -> Result<Server, BuildError>
         server.add_service(metrics);
     }
     if let (Some(url), Some(cache)) = (&config.store, cache) {
-        server.add_service(background_service(
-            "store",
-            StoreService {
-                url: url.clone(),
-                cache,
-            },
-        ));
+        let billing = billing.map(|b| BillingWork {
+            wallets: b.wallets,
+            spool: b.spool,
+            batch_size: config.usage.batch_size,
+        });
+        let service = StoreService {
+            url: url.clone(),
+            cache,
+            billing,
+            alerts: config.alerts.clone(),
+            retention_days: config.usage.retention_days,
+        };
+        server.add_service(background_service("store", service));
     }
     server.add_service(background_service(
         "dns refresh",

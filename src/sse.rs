@@ -42,15 +42,14 @@ impl SseSplitter {
         (end > 0).then(|| self.buf.split_to(end).freeze())
     }
 
-    /// Take every complete event, asking `keep` about each; returns the kept events' bytes.
-    /// When all are kept (the usual case) this is one zero-copy slice of the buffer.
-    pub fn drain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) -> Option<Bytes> {
+    /// Take every complete event through `map`, which returns what to send for it: the event
+    /// itself (kept), other bytes (rewritten) or nothing (dropped). When every event is kept (the
+    /// usual case) the result is one zero-copy slice of the buffer.
+    pub fn drain(&mut self, mut map: impl FnMut(Bytes) -> Option<Bytes>) -> Option<Bytes> {
         let mut end = 0;
-        let mut dropped: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut ends = Vec::new();
         while let Some(next) = self.find_boundary_from(end) {
-            if !keep(&self.buf[end..next]) {
-                dropped.push(end..next);
-            }
+            ends.push(next);
             end = next;
         }
         self.scanned = self.scanned.saturating_sub(end);
@@ -58,17 +57,38 @@ impl SseSplitter {
             return None;
         }
         let prefix = self.buf.split_to(end).freeze();
-        if dropped.is_empty() {
-            return Some(prefix);
+        let mut out: Option<BytesMut> = None;
+        let mut start = 0;
+        for &stop in &ends {
+            let event = prefix.slice(start..stop);
+            let mapped = map(event.clone());
+            let unchanged = mapped
+                .as_ref()
+                .is_some_and(|m| m.as_ptr() == event.as_ptr() && m.len() == event.len());
+            match (&mut out, unchanged) {
+                (None, true) => {}
+                (None, false) => {
+                    // First change: copy what was kept so far, then go on piece by piece.
+                    let mut buf = BytesMut::with_capacity(prefix.len());
+                    buf.extend_from_slice(&prefix[..start]);
+                    if let Some(m) = mapped {
+                        buf.extend_from_slice(&m);
+                    }
+                    out = Some(buf);
+                }
+                (Some(buf), _) => {
+                    if let Some(m) = mapped {
+                        buf.extend_from_slice(&m);
+                    }
+                }
+            }
+            start = stop;
         }
-        let mut kept = BytesMut::with_capacity(prefix.len());
-        let mut at = 0;
-        for range in dropped {
-            kept.extend_from_slice(&prefix[at..range.start]);
-            at = range.end;
+        match out {
+            None => Some(prefix),
+            Some(buf) if buf.is_empty() => None,
+            Some(buf) => Some(buf.freeze()),
         }
-        kept.extend_from_slice(&prefix[at..]);
-        (!kept.is_empty()).then(|| kept.freeze())
     }
 
     /// What is left when the stream ends: an event without its blank line, or nothing.
@@ -219,12 +239,25 @@ mod tests {
     fn drain_drops_only_the_refused_events() {
         let mut s = SseSplitter::new();
         s.push(b"data: 1\n\ndata: drop\n\ndata: 3\n\ndata: 4");
-        let kept = s.drain(|e| !e.starts_with(b"data: drop")).unwrap();
+        let drop_some = |e: Bytes| (!e.starts_with(b"data: drop")).then_some(e);
+        let kept = s.drain(drop_some).unwrap();
         assert_eq!(&kept[..], b"data: 1\n\ndata: 3\n\n");
         s.push(b"\n\n");
-        assert_eq!(&s.drain(|_| true).unwrap()[..], b"data: 4\n\n");
+        assert_eq!(&s.drain(Some).unwrap()[..], b"data: 4\n\n");
         s.push(b"data: drop\n\n");
-        assert_eq!(s.drain(|e| !e.starts_with(b"data: drop")), None);
+        assert_eq!(s.drain(drop_some), None);
+        s.push(b"data: a\n\ndata: b\n\n");
+        let rewritten = s.drain(|e| {
+            Some(if e.starts_with(b"data: b") {
+                Bytes::from_static(b"data: B\n\n")
+            } else {
+                e
+            })
+        });
+        assert_eq!(&rewritten.unwrap()[..], b"data: a\n\ndata: B\n\n");
+        s.push(b"data: a\n\ndata: b\n\n");
+        let whole = s.drain(Some).unwrap();
+        assert_eq!(&whole[..], b"data: a\n\ndata: b\n\n");
     }
 
     #[test]

@@ -191,7 +191,13 @@ async fn the_simulated_provider_runs_on_its_own() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let reply = reply.expect("the provider answers");
-    assert_eq!(reply["usage"]["completion_tokens"], 3);
+    let content = reply["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(content.matches(' ').count(), 3, "three content pieces: {content}");
+    let expected = komilion::metering::tokens::count_text("gpt-4o-mini", content);
+    assert_eq!(
+        reply["usage"]["completion_tokens"], expected,
+        "counted with the real tokenizer"
+    );
     assert_eq!(reply["object"], "chat.completion");
     child.kill().unwrap();
     child.wait().unwrap();

@@ -37,7 +37,14 @@ async fn non_stream_through_the_openai_client() {
         .unwrap();
     let content = reply.choices[0].message.content.clone().unwrap();
     assert!(content.starts_with("Echo: nonce-1234"), "{content}");
-    assert_eq!(reply.usage.unwrap().completion_tokens, 8);
+    let usage = reply.usage.unwrap();
+    assert_eq!(
+        usage.completion_tokens as u64,
+        komilion::metering::tokens::count_text("gpt-4o-mini", &content)
+    );
+    // "user" message: 3 + 1 + content tokens, and 3 priming the reply.
+    let prompt = 3 + 1 + komilion::metering::tokens::count_text("gpt-4o-mini", "nonce-1234") + 3;
+    assert_eq!(usage.prompt_tokens as u64, prompt);
 
     // The provider got its own key, never the client's.
     let seen = mock.recorded().pop().unwrap();
@@ -96,7 +103,10 @@ async fn stream_with_and_without_include_usage() {
     let chunks: Vec<_> = client.chat().create_stream(req).await.unwrap().collect().await;
     let last = chunks.last().unwrap().as_ref().unwrap();
     assert!(last.choices.is_empty());
-    assert_eq!(last.usage.as_ref().unwrap().completion_tokens, 5);
+    assert_eq!(
+        last.usage.as_ref().unwrap().completion_tokens as u64,
+        komilion::metering::tokens::count_text("gpt-4o-mini", &text)
+    );
 
     // On the wire: the stream ends with [DONE] and carries no usage event unasked.
     let body = http()

@@ -32,7 +32,7 @@ macro_rules! both_backends {
     };
 }
 
-both_backends!(accounts, keys, wallets, provider_keys, change_events);
+both_backends!(accounts, keys, wallets, provider_keys, change_events, leases, usage_log);
 
 async fn migrations_run_once(url: &str) {
     let first = store::open(url).await.unwrap();
@@ -63,7 +63,7 @@ async fn postgres_migrations_are_idempotent() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n as usize, 1);
+    assert_eq!(n as usize, 2, "every migration recorded once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,8 @@
 //! | `PUT /admin/v1/accounts/{id}/provider-keys/{provider}` `{"api_key"}` | 204, sealed with the master key |
 //! | `GET /admin/v1/accounts/{id}/provider-keys` | providers and key versions, never the keys |
 //! | `DELETE /admin/v1/accounts/{id}/provider-keys/{provider}` | 204 |
+//! | `GET /admin/v1/accounts/{id}/usage?from=&to=&format=jsonl\|csv` | the usage records, streamed |
+//! | `DELETE /admin/v1/accounts/{id}` | 204: personal data and keys erased, billing rows kept anonymised |
 
 pub mod ops;
 
@@ -117,6 +119,10 @@ impl AdminApi {
                 Ok((200, Some(ops::list_accounts(store, limit, after.as_deref()).await?)))
             }
             (&M::GET, ["accounts", id]) => Ok((200, Some(ops::get_account(store, id).await?))),
+            (&M::DELETE, ["accounts", id]) => {
+                ops::erase_account(store, id).await?;
+                Ok((204, None))
+            }
             (&M::PATCH, ["accounts", id]) => {
                 let body = Self::body(session).await?;
                 Ok((200, Some(ops::update_account(store, id, body).await?)))
@@ -152,6 +158,46 @@ impl AdminApi {
                 Ok((204, None))
             }
             _ => Err(OpError::NotFound(format!("no route {method} {}", uri.path()))),
+        }
+    }
+}
+
+/// `GET /admin/v1/accounts/{id}/usage`: the account id.
+fn usage_export_path(session: &Session) -> Option<String> {
+    let header = session.req_header();
+    if header.method != http::Method::GET {
+        return None;
+    }
+    let rest = header.uri.path().strip_prefix("/admin/v1/accounts/")?;
+    let (id, tail) = rest.split_once('/')?;
+    (tail.trim_end_matches('/') == "usage").then(|| id.to_owned())
+}
+
+impl AdminApi {
+    /// Stream an account's usage. Errors before the first byte are answered as JSON.
+    async fn export(&self, session: &mut Session, account_id: &str) -> Result<(), OpError> {
+        let store = self
+            .store
+            .get()
+            .cloned()
+            .ok_or_else(|| OpError::Unavailable("the store is still opening".into()))?;
+        store.get_account(account_id).await?;
+        let query =
+            crate::usage::export::ExportQuery::parse(session.req_header().uri.query()).map_err(OpError::BadRequest)?;
+        let filter = crate::store::UsageFilter {
+            account_id: account_id.to_owned(),
+            key_id: None,
+            from: query.from,
+            to: query.to,
+        };
+        match crate::usage::export::stream(session, store.as_ref(), filter, query.format).await {
+            Ok(()) => Ok(()),
+            // Nothing was written yet if the first page failed: answer with the error.
+            Err(e) if session.response_written().is_none() => Err(e.into()),
+            Err(e) => {
+                tracing::warn!(account_id, "usage export cut short: {e}");
+                Ok(())
+            }
         }
     }
 }
@@ -195,6 +241,12 @@ impl ProxyHttp for AdminApi {
             let e = serde_json::json!({"error": {"message": "A valid admin token is required (Authorization: Bearer <token>).",
                                                   "type": "invalid_request_error", "code": "invalid_admin_token"}});
             send(session, 401, Some(e)).await;
+            return Ok(true);
+        }
+        if let Some(account_id) = usage_export_path(session) {
+            if let Err(e) = self.export(session, &account_id).await {
+                send(session, e.status(), Some(e.to_json())).await;
+            }
             return Ok(true);
         }
         match self.route(session).await {

@@ -89,6 +89,9 @@ pub struct CreateKey {
     pub rpm_limit: Option<u32>,
     #[serde(default)]
     pub tpm_limit: Option<u32>,
+    /// What the key is expected to spend, a decimal string; alerts fire at a share of it.
+    #[serde(default)]
+    pub budget_usd: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,6 +123,7 @@ pub fn key_json(k: &KeyInfo) -> Value {
         "created_at": k.created_at, "last_used_at": k.last_used_at, "expires_at": k.expires_at,
         "revoked_at": k.revoked_at, "allowed_models": k.allowed_models,
         "rpm_limit": k.rpm_limit, "tpm_limit": k.tpm_limit,
+        "budget_usd": k.budget_nano_usd.map(|b| Usd(b).to_string()), "spent_usd": Usd(k.spent_nano_usd).to_string(),
     })
 }
 
@@ -127,7 +131,8 @@ pub fn wallet_json(w: &Wallet) -> Value {
     json!({
         "account_id": w.account_id, "object": "wallet",
         "balance_usd": Usd(w.balance_nano_usd).to_string(), "balance_nano_usd": w.balance_nano_usd,
-        "updated_at": w.updated_at,
+        "leased_nano_usd": w.leased_nano_usd, "credited_usd": Usd(w.credited_nano_usd).to_string(),
+        "spent_usd": Usd(w.spent_nano_usd).to_string(), "updated_at": w.updated_at,
     })
 }
 
@@ -191,11 +196,20 @@ pub async fn create_key(store: &dyn Store, account_id: &str, body: CreateKey) ->
             "limits must be at least 1 (leave them out for no limit)".into(),
         ));
     }
+    let budget = match &body.budget_usd {
+        Some(text) => match parse_usd(text) {
+            Ok(n) if n > 0 => Some(n),
+            Ok(_) => return Err(OpError::BadRequest("`budget_usd` must be above 0".into())),
+            Err(e) => return Err(OpError::BadRequest(format!("`budget_usd`: {e}"))),
+        },
+        None => None,
+    };
     let limits = KeyLimits {
         expires_at: body.expires_at,
         allowed_models: body.allowed_models,
         rpm_limit: body.rpm_limit,
         tpm_limit: body.tpm_limit,
+        budget_nano_usd: budget,
     };
     let (secret, digest, prefix) = generate_api_key();
     let info = store.create_key(account_id, name, digest, &prefix, &limits).await?;
@@ -278,4 +292,9 @@ pub async fn reseal_provider_keys(store: &dyn Store, keys: &MasterKeys) -> OpRes
         resealed += 1;
     }
     Ok(json!({"resealed": resealed, "key_version": keys.current_version()}))
+}
+
+/// Erase an account: personal data and keys go, billing rows stay (anonymised).
+pub async fn erase_account(store: &dyn Store, account_id: &str) -> Result<(), OpError> {
+    Ok(store.erase_account(account_id).await?)
 }

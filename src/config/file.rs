@@ -19,6 +19,11 @@ pub struct FileConfig {
     pub store: Option<String>,
     pub admin: Option<AdminSection>,
     pub stripe: Option<StripeSection>,
+    pub usage: UsageSection,
+    pub wallets: WalletsSection,
+    pub alerts: Option<AlertsSection>,
+    /// A catalog file replacing the embedded one.
+    pub catalog: Option<String>,
 }
 
 impl FileConfig {
@@ -55,6 +60,10 @@ impl FileConfig {
             store: section(obj, "store", issues),
             admin: section(obj, "admin", issues),
             stripe: section(obj, "stripe", issues),
+            usage: section(obj, "usage", issues),
+            wallets: section(obj, "wallets", issues),
+            alerts: section(obj, "alerts", issues),
+            catalog: section(obj, "catalog", issues),
         }
     }
 }
@@ -272,4 +281,66 @@ pub struct StripeSection {
 
 fn default_tolerance() -> u64 {
     300
+}
+
+/// The usage log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct UsageSection {
+    /// The local spool directory (append-only files, drained into the store).
+    pub spool_dir: String,
+    /// Records per store write.
+    pub batch_size: usize,
+    /// Usage older than this many days is deleted.
+    pub retention_days: u32,
+}
+
+impl Default for UsageSection {
+    fn default() -> Self {
+        UsageSection {
+            spool_dir: "komilion-spool".into(),
+            batch_size: 1000,
+            retention_days: 400,
+        }
+    }
+}
+
+/// Prepaid wallets (with a store).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct WalletsSection {
+    /// Output tokens held for a request without `max_tokens` (capped by the model's limit).
+    pub max_output_tokens: u64,
+    /// Largest lease per account and instance, decimal USD.
+    pub lease_max_usd: String,
+    /// Lease lifetime in the store, renewed while in use.
+    pub lease_ttl_secs: u64,
+    /// An idle lease goes back to the wallet after this long.
+    pub idle_return_secs: u64,
+    /// Leases of vanished instances are reclaimed this long after expiring.
+    pub reclaim_grace_secs: u64,
+}
+
+impl Default for WalletsSection {
+    fn default() -> Self {
+        WalletsSection {
+            max_output_tokens: 8192,
+            lease_max_usd: "5".into(),
+            lease_ttl_secs: 30,
+            idle_return_secs: 10,
+            reclaim_grace_secs: 300,
+        }
+    }
+}
+
+/// Usage alerts, sent as JSON webhooks.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AlertsSection {
+    pub webhook_url: String,
+    /// Alert when an account's balance falls below this (decimal USD).
+    #[serde(default)]
+    pub wallet_below_usd: Option<String>,
+    /// Alert when a key has spent this percentage of its budget.
+    #[serde(default)]
+    pub key_budget_percent: Option<u32>,
 }

@@ -8,8 +8,8 @@ mod env;
 mod file;
 
 pub use file::{
-    AdminSection, FileConfig, LimitsSection, ListenSection, PluginSection, ProviderKind, ProviderSection,
-    ServerSection, StripeSection, TimeoutsSection,
+    AdminSection, AlertsSection, FileConfig, LimitsSection, ListenSection, PluginSection, ProviderKind,
+    ProviderSection, ServerSection, StripeSection, TimeoutsSection, UsageSection, WalletsSection,
 };
 
 use komilion_sdk::ConfigIssue;
@@ -64,6 +64,17 @@ pub struct Config {
     pub store: Option<String>,
     pub admin: Option<AdminSection>,
     pub stripe: Option<StripeSection>,
+    pub usage: UsageSection,
+    pub wallets: crate::wallet::WalletSettings,
+    pub alerts: Option<Alerts>,
+    pub catalog: crate::catalog::Catalog,
+}
+
+/// Alert rules and where they go.
+#[derive(Debug, Clone)]
+pub struct Alerts {
+    pub webhook_url: String,
+    pub rules: crate::store::AlertRules,
 }
 
 impl Config {
@@ -148,6 +159,57 @@ impl Config {
                 issues.push(ConfigIssue::new("stripe", "Stripe top-ups need a store: set `store:`"));
             }
         }
+        let lease_max = crate::money::parse_usd(&file.wallets.lease_max_usd).unwrap_or_else(|e| {
+            issues.push(ConfigIssue::new("wallets.lease_max_usd", e.to_string()));
+            0
+        });
+        if file.wallets.lease_ttl_secs == 0 {
+            issues.push(ConfigIssue::new("wallets.lease_ttl_secs", "must be at least 1"));
+        }
+        let wallets = crate::wallet::WalletSettings {
+            max_output_tokens: file.wallets.max_output_tokens,
+            lease_max,
+            lease_ttl: Duration::from_secs(file.wallets.lease_ttl_secs),
+            idle_return: Duration::from_secs(file.wallets.idle_return_secs),
+            reclaim_grace: Duration::from_secs(file.wallets.reclaim_grace_secs),
+            ..Default::default()
+        };
+        if file.usage.batch_size == 0 {
+            issues.push(ConfigIssue::new("usage.batch_size", "must be at least 1"));
+        }
+        let alerts = file.alerts.as_ref().map(|a| {
+            if Url::parse(&a.webhook_url).map_or(true, |u| !matches!(u.scheme(), "http" | "https")) {
+                issues.push(ConfigIssue::new("alerts.webhook_url", "must be an http or https URL"));
+            }
+            let wallet_below = a.wallet_below_usd.as_deref().and_then(|t| {
+                crate::money::parse_usd(t)
+                    .map_err(|e| issues.push(ConfigIssue::new("alerts.wallet_below_usd", e.to_string())))
+                    .ok()
+            });
+            if a.key_budget_percent.is_some_and(|p| p == 0 || p > 100) {
+                issues.push(ConfigIssue::new("alerts.key_budget_percent", "must be 1 to 100"));
+            }
+            Alerts {
+                webhook_url: a.webhook_url.clone(),
+                rules: crate::store::AlertRules {
+                    wallet_below_nano_usd: wallet_below,
+                    key_budget_percent: a.key_budget_percent,
+                },
+            }
+        });
+        let catalog = match &file.catalog {
+            None => crate::catalog::Catalog::embedded(),
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => crate::catalog::Catalog::from_yaml(&text).unwrap_or_else(|found| {
+                    issues.extend(found.into_iter().map(|i| i.under("catalog")));
+                    crate::catalog::Catalog::embedded()
+                }),
+                Err(e) => {
+                    issues.push(ConfigIssue::new("catalog", format!("{path}: {e}")));
+                    crate::catalog::Catalog::embedded()
+                }
+            },
+        };
         for (i, plugin) in file.plugins.iter().enumerate() {
             if plugin.name.trim().is_empty() {
                 issues.push(ConfigIssue::new(format!("plugins[{i}].name"), "must not be empty"));
@@ -162,6 +224,10 @@ impl Config {
             store: file.store,
             admin: file.admin,
             stripe: file.stripe,
+            usage: file.usage,
+            wallets,
+            alerts,
+            catalog,
         }
     }
 }

@@ -472,11 +472,13 @@ fn answer_pieces(request: &serde_json::Value, chunks: usize) -> Vec<String> {
     pieces
 }
 
-/// Rough prompt size: about four bytes a token, at least one per message.
-fn prompt_tokens(request: &serde_json::Value) -> u64 {
-    request["messages"].as_array().map_or(0, |msgs| {
-        msgs.iter().map(|m| 4 + m["content"].to_string().len() as u64 / 4).sum()
-    })
+/// The prompt's tokens as the real API counts them (tiktoken, OpenAI's chat format). The
+/// gateway's estimates use the same counting, so tests can compare them exactly.
+fn prompt_tokens(body: &[u8], model: &str) -> u64 {
+    match komilion_sdk::ChatRequest::parse(bytes::Bytes::copy_from_slice(body)) {
+        Ok(chat) => crate::metering::tokens::count_chat_prompt(model, &chat.messages),
+        Err(_) => 0,
+    }
 }
 
 async fn chat_completion(
@@ -520,8 +522,8 @@ async fn chat_completion(
         created: now_secs(),
         model: &model,
         pieces: &pieces,
-        prompt_tokens: prompt_tokens(&request),
-        completion_tokens: pieces.len() as u64,
+        prompt_tokens: prompt_tokens(body, &model),
+        completion_tokens: crate::metering::tokens::count_text(&model, &pieces.concat()),
     };
     let stream_requested = request["stream"].as_bool().unwrap_or(false);
     if !stream_requested {

@@ -9,10 +9,14 @@
 use super::body::BodyBuffer;
 use super::stream::StreamRelay;
 use super::{Gateway, RequestCtx};
+use crate::metering::tokens::{count_chat_prompt, count_text};
+use crate::metering::usage_from_body;
 use crate::metrics::METRICS;
 use crate::upstream::Upstream;
 use bytes::Bytes;
-use komilion_sdk::{ApiError, AttemptDecision, ChatRequest, ErrorKind, LocalResponse, RoutePlan, Surface, Timing};
+use komilion_sdk::{
+    ApiError, AttemptDecision, ChatRequest, ErrorKind, LocalResponse, RoutePlan, Surface, Timing, Usage,
+};
 use pingora::http::RequestHeader;
 use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
@@ -180,9 +184,15 @@ impl Gateway {
                     content_type,
                     body,
                 } => {
+                    if (200..300).contains(&status) {
+                        ctx.exchange.usage =
+                            usage_from_body(&body).unwrap_or_else(|| estimate_whole(chat, &candidate.model, &body));
+                    }
+                    // The record is in the spool before the client can see the answer end.
+                    self.finish_usage(ctx, status);
                     self.send_body(session, ctx, status, &content_type, body).await;
                 }
-                Answer::Stream(started) => self.relay_stream(session, ctx, upstream, *started).await,
+                Answer::Stream(started) => self.relay_stream(session, ctx, upstream, chat, *started).await,
             }
             return Ok(());
         }
@@ -302,6 +312,7 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
         upstream: &Upstream,
+        chat: &ChatRequest,
         started: StartedStream,
     ) {
         let StartedStream {
@@ -320,18 +331,24 @@ impl Gateway {
             let _ = resp.insert_header(http::header::TRANSFER_ENCODING, "chunked");
         }
         ctx.status = 200;
+        let model = ctx.exchange.routed_model.clone().unwrap_or_default();
         if session.write_response_header(resp, false).await.is_err() {
             ctx.client_gone = true;
+            self.finish_usage(ctx, 200);
             return;
         }
-        let mut relay = StreamRelay::new(self.chain.wants_events());
+        // The gateway asked for the usage chunk; the client gets it only if it asked too.
+        let mut relay = StreamRelay::new(!chat.include_usage);
         let mut piece = Some(first);
         loop {
             if let Some(chunk) = piece.take() {
-                if let Some(out) = relay.feed(chunk, &self.chain, &mut ctx.exchange) {
+                if let Some(out) = relay.feed(&chunk, &self.chain, &mut ctx.exchange) {
                     if session.write_response_body(Some(out), false).await.is_err() {
-                        // The client left: dropping the upstream connection stops the generation.
+                        // The client left: dropping the upstream connection stops the generation;
+                        // what was delivered is billed.
                         ctx.client_gone = true;
+                        ctx.exchange.usage = stream_usage(&relay, chat, &model);
+                        self.finish_usage(ctx, 200);
                         return;
                     }
                 }
@@ -340,6 +357,8 @@ impl Gateway {
                 Ok(Some(chunk)) => piece = Some(chunk),
                 Ok(None) => {
                     let rest = relay.finish();
+                    ctx.exchange.usage = stream_usage(&relay, chat, &model);
+                    self.finish_usage(ctx, 200);
                     let done = if rest.is_empty() { None } else { Some(rest) };
                     if session.write_response_body(done, true).await.is_err() {
                         ctx.client_gone = true;
@@ -353,6 +372,8 @@ impl Gateway {
                         .with_label_values(&[upstream.name(), e.kind()])
                         .inc();
                     tracing::warn!(provider = upstream.name(), request_id = %ctx.exchange.request_id, "stream ended early: {e:?}");
+                    ctx.exchange.usage = stream_usage(&relay, chat, &model);
+                    self.finish_usage(ctx, 200);
                     let event = stream_error_event(&e.to_api_error(upstream.name()), ctx.exchange.surface);
                     if session.write_response_body(Some(event), true).await.is_err() {
                         ctx.client_gone = true;
@@ -361,6 +382,38 @@ impl Gateway {
                 }
             }
         }
+    }
+}
+
+/// A stream's usage: the provider's, or counted from what was delivered.
+fn stream_usage(relay: &StreamRelay, chat: &ChatRequest, model: &str) -> Usage {
+    relay.meter.usage.unwrap_or_else(|| Usage {
+        input_tokens: count_chat_prompt(model, &chat.messages),
+        output_tokens: relay.meter.estimate_output(model),
+        estimated: true,
+        ..Usage::default()
+    })
+}
+
+/// A JSON answer without usage: count its prompt and message text.
+fn estimate_whole(chat: &ChatRequest, model: &str, body: &[u8]) -> Usage {
+    let text: String = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v["choices"].as_array().map(|choices| {
+                choices
+                    .iter()
+                    .filter_map(|c| c["message"]["content"].as_str())
+                    .collect::<Vec<_>>()
+                    .concat()
+            })
+        })
+        .unwrap_or_default();
+    Usage {
+        input_tokens: count_chat_prompt(model, &chat.messages),
+        output_tokens: if text.is_empty() { 0 } else { count_text(model, &text) },
+        estimated: true,
+        ..Usage::default()
     }
 }
 

@@ -12,6 +12,7 @@
 //! body before choosing an upstream, which stock Pingora cannot replay past 64 KiB, so the
 //! upstream exchange is driven here with Pingora's pooled connector (`forward.rs`).
 
+mod billing;
 pub(crate) mod body;
 mod forward;
 mod respond;
@@ -19,6 +20,7 @@ mod route;
 mod stream;
 mod webhooks;
 
+pub use billing::Billing;
 pub use route::Route;
 pub use webhooks::StripeEndpoint;
 
@@ -44,6 +46,12 @@ pub struct Gateway {
     pub max_body_bytes: usize,
     /// Stripe top-ups, when configured.
     pub stripe: Option<StripeEndpoint>,
+    /// Model prices and limits.
+    pub catalog: crate::catalog::Catalog,
+    /// Wallets and the usage log, when the gateway has a store.
+    pub billing: Option<Billing>,
+    /// The store, for a key holder's usage export.
+    pub store: Option<crate::store::cache::StoreSlot>,
 }
 
 /// Per-request state (Pingora's CTX).
@@ -56,6 +64,10 @@ pub struct RequestCtx {
     pub answered_by: Option<&'static str>,
     /// The client went away before the response was complete.
     pub client_gone: bool,
+    /// Money set aside on the wallet for this request.
+    pub hold: Option<crate::wallet::Hold>,
+    /// The usage record was written.
+    pub recorded: bool,
     _in_flight: InFlight,
 }
 
@@ -81,6 +93,8 @@ impl ProxyHttp for Gateway {
             status: 0,
             answered_by: None,
             client_gone: false,
+            hold: None,
+            recorded: false,
             _in_flight: InFlight::enter(),
         }
     }
@@ -101,6 +115,7 @@ impl ProxyHttp for Gateway {
             Route::ChatCompletions => self.chat_completions(session, ctx).await,
             Route::Models => self.list_models(session, ctx).await,
             Route::StripeWebhook => self.stripe_webhook(session, ctx).await,
+            Route::Usage => self.own_usage(session, ctx).await,
             Route::MethodNotAllowed(allow) => {
                 Err(ApiError::new(ErrorKind::MethodNotAllowed, format!("This route only accepts {allow}.")).into())
             }
@@ -127,6 +142,8 @@ impl ProxyHttp for Gateway {
         } else {
             session.response_written().map_or(0, |r| r.status.as_u16())
         };
+        // Paths that wrote no answer (the client left early) still settle and record.
+        self.finish_usage(ctx, status);
         let now = Instant::now();
         let route = ctx.route.label();
         let ex = &ctx.exchange;
@@ -202,7 +219,44 @@ impl Gateway {
             ctx.answered_by = Some(stop.plugin);
             return Err(stop.response);
         }
+        self.hold(ctx, &chat, &plan).await?;
+        // Usage comes from the provider's own figures: always ask for the stream's usage chunk
+        // (the relay removes it again if the client did not ask).
+        chat.request_upstream_usage();
         self.forward(session, ctx, &mut chat, &plan).await
+    }
+
+    /// `GET /v1/usage`: the caller's key's own usage records, streamed.
+    async fn own_usage(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), LocalResponse> {
+        self.authorize(session, ctx).await?;
+        let unavailable =
+            || ApiError::new(ErrorKind::Unavailable, "The usage log is not available.").with_code("store_unavailable");
+        let store = self
+            .store
+            .as_ref()
+            .and_then(|s| s.get())
+            .cloned()
+            .ok_or_else(unavailable)?;
+        let principal = ctx.exchange.principal.clone().ok_or_else(ApiError::missing_api_key)?;
+        let query = crate::usage::export::ExportQuery::parse(session.req_header().uri.query())
+            .map_err(|e| ApiError::new(ErrorKind::InvalidRequest, e).with_code("invalid_request"))?;
+        let filter = crate::store::UsageFilter {
+            account_id: principal.account_id,
+            key_id: Some(principal.key_id),
+            from: query.from,
+            to: query.to,
+        };
+        ctx.status = 200;
+        match crate::usage::export::stream(session, store.as_ref(), filter, query.format).await {
+            Ok(()) => Ok(()),
+            Err(e) if session.response_written().is_none() => {
+                ctx.status = 0;
+                Err(ApiError::new(ErrorKind::Unavailable, e.to_string())
+                    .with_code("store_unavailable")
+                    .into())
+            }
+            Err(_) => Ok(()),
+        }
     }
 
     async fn list_models(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), LocalResponse> {

@@ -11,6 +11,8 @@ pub enum Route {
     Models,
     /// `POST /webhooks/stripe`
     StripeWebhook,
+    /// `GET /v1/usage`: a key holder's own usage export.
+    Usage,
     /// A known path with the wrong method; the value is the `Allow` header.
     MethodNotAllowed(&'static str),
     #[default]
@@ -35,6 +37,8 @@ impl Route {
             "/chat/completions" => Route::MethodNotAllowed("POST"),
             "/models" if method == Method::GET || method == Method::HEAD => Route::Models,
             "/models" => Route::MethodNotAllowed("GET"),
+            "/usage" if method == Method::GET => Route::Usage,
+            "/usage" => Route::MethodNotAllowed("GET"),
             _ => Route::NotFound,
         }
     }
@@ -49,6 +53,7 @@ impl Route {
             Route::ChatCompletions => "chat_completions",
             Route::Models => "models",
             Route::StripeWebhook => "stripe_webhook",
+            Route::Usage => "usage",
             Route::MethodNotAllowed(_) => "method_not_allowed",
             Route::NotFound => "not_found",
         }

@@ -103,6 +103,7 @@ impl KeyLookup for StoreCache {
                         allowed_models: r.key.allowed_models,
                         rpm_limit: r.key.rpm_limit,
                         tpm_limit: r.key.tpm_limit,
+                        prepaid: true,
                     },
                     expires_at: r.key.expires_at.map(|t| t.timestamp()),
                     revoked: r.key.revoked_at.is_some(),

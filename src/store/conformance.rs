@@ -64,6 +64,7 @@ pub async fn keys(store: &dyn Store) {
         allowed_models: vec!["gpt-4o-mini".into()],
         rpm_limit: Some(60),
         tpm_limit: Some(10_000),
+        budget_nano_usd: Some(5_000_000_000),
     };
     let key = store
         .create_key(&account.id, "ci", digest, &prefix, &limits)
@@ -234,4 +235,246 @@ pub async fn change_events(store: &dyn Store) {
         next_event(&mut rx, |e| *e == StoreEvent::Wallet(account.id.clone())).await,
         "credit announced"
     );
+}
+
+fn usage(
+    id: &str,
+    account: &str,
+    key: Option<&str>,
+    cost: i64,
+    lease: Option<&str>,
+    at: DateTime<Utc>,
+) -> crate::usage::UsageRecord {
+    crate::usage::UsageRecord {
+        request_id: id.into(),
+        account_id: account.into(),
+        key_id: key.map(str::to_owned),
+        created_at: at,
+        route: "chat_completions".into(),
+        requested_model: Some("gpt-4o-mini".into()),
+        routed_model: Some("gpt-4o-mini".into()),
+        provider: Some("sim".into()),
+        task: None,
+        status: 200,
+        input_tokens: 10,
+        output_tokens: 5,
+        cached_tokens: 2,
+        reasoning_tokens: 1,
+        cost_nano_usd: cost,
+        unbilled_nano_usd: 0,
+        estimated: false,
+        latency_ms: 12,
+        ttfb_ms: Some(4),
+        cache_hit: false,
+        lease_id: lease.map(str::to_owned),
+    }
+}
+
+pub async fn leases(store: &dyn Store) {
+    let account = store
+        .create_account("Lease", &unique_email("lease"))
+        .await
+        .expect("account");
+    store
+        .credit(&account.id, 1_000, "admin", &new_id("ref"))
+        .await
+        .expect("credit");
+    let ttl = Duration::from_secs(30);
+    // Under the minimum: nothing is granted.
+    let none = store
+        .lease(&account.id, "i1", None, 2_000, 2_000, ttl)
+        .await
+        .expect("lease");
+    assert_eq!((none.granted_nano_usd, none.lease_id.as_str()), (0, ""));
+    // max(min, want), capped by the balance.
+    let a = store
+        .lease(&account.id, "i1", None, 100, 300, ttl)
+        .await
+        .expect("lease");
+    assert_eq!((a.granted_nano_usd, a.balance_nano_usd), (300, 700));
+    let grown = store
+        .lease(&account.id, "i1", Some(&a.lease_id), 100, 5_000, ttl)
+        .await
+        .expect("grow");
+    assert_eq!(
+        (grown.lease_id.as_str(), grown.granted_nano_usd, grown.balance_nano_usd),
+        (a.lease_id.as_str(), 700, 0)
+    );
+    let w = store.wallet(&account.id).await.expect("wallet");
+    assert_eq!(
+        (w.balance_nano_usd, w.leased_nano_usd),
+        (1_000, 1_000),
+        "leased money still counts as the account's"
+    );
+    store.extend_lease(&a.lease_id, ttl).await.expect("extend");
+    // Settle: 250 spent, 750 back; a second settle is a no-op.
+    assert_eq!(store.settle_lease(&a.lease_id, 250).await.expect("settle"), Some(750));
+    assert_eq!(store.settle_lease(&a.lease_id, 250).await.expect("again"), None);
+    let w = store.wallet(&account.id).await.expect("wallet");
+    assert_eq!((w.balance_nano_usd, w.leased_nano_usd), (750, 0));
+
+    // A lease whose instance vanished: reclaimed keeping what the usage log shows spent; its
+    // usage arriving later is billed from the wallet directly.
+    let b = store
+        .lease(&account.id, "gone", None, 100, 500, Duration::from_millis(1))
+        .await
+        .expect("lease");
+    let now = Utc::now();
+    store
+        .insert_usage(
+            &[usage(&new_id("r"), &account.id, None, 120, Some(&b.lease_id), now)],
+            &AlertRules::default(),
+        )
+        .await
+        .expect("usage");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(store.reclaim_expired_leases(Duration::ZERO).await.expect("reclaim"), 1);
+    assert_eq!(
+        store.wallet(&account.id).await.expect("wallet").balance_nano_usd,
+        750 - 120
+    );
+    let late = usage(&new_id("r"), &account.id, None, 80, Some(&b.lease_id), now);
+    store
+        .insert_usage(std::slice::from_ref(&late), &AlertRules::default())
+        .await
+        .expect("late");
+    assert_eq!(
+        store.wallet(&account.id).await.expect("wallet").balance_nano_usd,
+        750 - 200
+    );
+
+    // A disabled account cannot lease.
+    store
+        .set_account_status(&account.id, AccountStatus::Disabled)
+        .await
+        .expect("disable");
+    assert!(matches!(
+        store.lease(&account.id, "i1", None, 1, 1, ttl).await,
+        Err(StoreError::Invalid(_))
+    ));
+}
+
+pub async fn usage_log(store: &dyn Store) {
+    let account = store
+        .create_account("Usage", &unique_email("usage"))
+        .await
+        .expect("account");
+    let (_, digest, prefix) = generate_api_key();
+    let key = store
+        .create_key(
+            &account.id,
+            "k",
+            digest,
+            &prefix,
+            &KeyLimits {
+                budget_nano_usd: Some(1_000),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("key");
+    store
+        .credit(&account.id, 10_000, "admin", &new_id("ref"))
+        .await
+        .expect("credit");
+    let t0 = Utc::now() - ChronoDuration::hours(1);
+    let records: Vec<_> = (0..5)
+        .map(|i| {
+            usage(
+                &format!("req-{}-{i}", account.id),
+                &account.id,
+                Some(&key.id),
+                200,
+                None,
+                t0 + ChronoDuration::seconds(i),
+            )
+        })
+        .collect();
+    let rules = AlertRules {
+        wallet_below_nano_usd: Some(9_500),
+        key_budget_percent: Some(80),
+    };
+    assert_eq!(store.insert_usage(&records[..3], &rules).await.expect("insert"), 3);
+    // Replays are skipped: idempotent by request id.
+    assert_eq!(store.insert_usage(&records, &rules).await.expect("replay"), 2);
+    let w = store.wallet(&account.id).await.expect("wallet");
+    assert_eq!((w.credited_nano_usd, w.spent_nano_usd), (10_000, 1_000));
+    let k = &store.list_keys(&account.id).await.expect("keys")[0];
+    assert_eq!(k.spent_nano_usd, 1_000);
+
+    // One alert per crossing: the wallet went below 9,500 once, the key past 80 % once.
+    let alerts = store.due_alerts(10).await.expect("alerts");
+    assert_eq!(alerts.len(), 2, "{alerts:?}");
+    assert!(alerts.iter().any(|a| a.payload.contains("wallet.balance_low")));
+    assert!(alerts.iter().any(|a| a.payload.contains("key.budget_share")));
+    assert!(
+        store.due_alerts(10).await.expect("claimed").is_empty(),
+        "claimed alerts are not handed out twice"
+    );
+    store.alert_failed(alerts[0].id, Duration::ZERO).await.expect("failed");
+    let retry = store.due_alerts(10).await.expect("retry");
+    assert_eq!((retry.len(), retry[0].attempts), (1, 1));
+    for a in alerts {
+        store.alert_delivered(a.id).await.expect("delivered");
+    }
+    store
+        .insert_usage(
+            &[usage(&new_id("r"), &account.id, Some(&key.id), 100, None, t0)],
+            &rules,
+        )
+        .await
+        .expect("more");
+    assert!(
+        store.due_alerts(10).await.expect("none").is_empty(),
+        "no new crossing, no new alert"
+    );
+
+    // Paging by time, filters.
+    let filter = UsageFilter {
+        account_id: account.id.clone(),
+        key_id: None,
+        from: None,
+        to: None,
+    };
+    let first = store.usage_page(&filter, None, 4).await.expect("page");
+    assert_eq!(first.len(), 4);
+    let after = first.last().map(|r| (r.created_at, r.request_id.clone()));
+    let rest = store.usage_page(&filter, after, 100).await.expect("page 2");
+    assert_eq!(rest.len(), 2);
+    assert!(first
+        .iter()
+        .chain(&rest)
+        .zip(first.iter().chain(&rest).skip(1))
+        .all(|(a, b)| (a.created_at, &a.request_id) < (b.created_at, &b.request_id)));
+    assert_eq!(rest[0].cached_tokens, 2);
+    let windowed = UsageFilter {
+        from: Some(t0 + ChronoDuration::seconds(2)),
+        to: Some(t0 + ChronoDuration::seconds(4)),
+        ..filter.clone()
+    };
+    assert_eq!(store.usage_page(&windowed, None, 100).await.expect("window").len(), 2);
+    let other_key = UsageFilter {
+        key_id: Some("key_other".into()),
+        ..filter.clone()
+    };
+    assert!(store.usage_page(&other_key, None, 100).await.expect("other").is_empty());
+
+    // Retention.
+    assert_eq!(
+        store.purge_usage(t0 + ChronoDuration::seconds(1)).await.expect("purge"),
+        2
+    );
+
+    // Erasure: personal data and keys go, billing rows stay without their key.
+    store.erase_account(&account.id).await.expect("erase");
+    let erased = store.get_account(&account.id).await.expect("account");
+    assert_eq!(
+        (erased.status, erased.email.as_deref(), erased.name.as_str()),
+        (AccountStatus::Erased, None, "")
+    );
+    assert!(store.list_keys(&account.id).await.expect("keys").is_empty());
+    assert_eq!(store.find_key(digest).await.expect("find"), None);
+    let kept = store.usage_page(&filter, None, 100).await.expect("kept");
+    assert_eq!(kept.len(), 4);
+    assert!(kept.iter().all(|r| r.key_id.is_none()));
 }

@@ -8,14 +8,28 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    name: "accounts_keys_wallets",
-    sql: include_str!("../../migrations/postgres/0001_accounts_keys_wallets.sql"),
-}];
+pub const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "accounts_keys_wallets",
+        sql: include_str!("../../migrations/postgres/0001_accounts_keys_wallets.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "usage_leases_alerts",
+        sql: include_str!("../../migrations/postgres/0002_usage_leases_alerts.sql"),
+    },
+];
 
-pub const SQLITE: &[Migration] = &[Migration {
-    version: 1,
-    name: "accounts_keys_wallets",
-    sql: include_str!("../../migrations/sqlite/0001_accounts_keys_wallets.sql"),
-}];
+pub const SQLITE: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "accounts_keys_wallets",
+        sql: include_str!("../../migrations/sqlite/0001_accounts_keys_wallets.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "usage_leases_alerts",
+        sql: include_str!("../../migrations/sqlite/0002_usage_leases_alerts.sql"),
+    },
+];

@@ -86,6 +86,8 @@ pub struct KeyLimits {
     pub allowed_models: Vec<String>,
     pub rpm_limit: Option<u32>,
     pub tpm_limit: Option<u32>,
+    /// What the key is expected to spend (alerts fire at a share of it).
+    pub budget_nano_usd: Option<i64>,
 }
 
 /// An API key's record. The secret itself is never stored or returned.
@@ -103,6 +105,9 @@ pub struct KeyInfo {
     pub allowed_models: Vec<String>,
     pub rpm_limit: Option<u32>,
     pub tpm_limit: Option<u32>,
+    pub budget_nano_usd: Option<i64>,
+    /// Billed usage so far (as ingested from the usage log).
+    pub spent_nano_usd: i64,
 }
 
 /// A key found by its digest, with its account's status.
@@ -115,8 +120,52 @@ pub struct KeyRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Wallet {
     pub account_id: String,
+    /// What the account can still spend: the unleased balance plus what open leases have not
+    /// yet been seen spending.
     pub balance_nano_usd: i64,
+    /// Part of the balance leased out to gateway instances right now.
+    pub leased_nano_usd: i64,
+    /// Lifetime credits.
+    pub credited_nano_usd: i64,
+    /// Lifetime billed usage, as ingested from the usage log.
+    pub spent_nano_usd: i64,
     pub updated_at: DateTime<Utc>,
+}
+
+/// A slice of a wallet granted to one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseGrant {
+    pub lease_id: String,
+    /// Granted by this call (0 when the wallet could not cover the minimum).
+    pub granted_nano_usd: i64,
+    /// Left in the wallet, unleased, after this call.
+    pub balance_nano_usd: i64,
+}
+
+/// Thresholds whose crossing writes an alert (see [`Store::insert_usage`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AlertRules {
+    /// Alert when an account's balance falls below this.
+    pub wallet_below_nano_usd: Option<i64>,
+    /// Alert when a key's spend passes this percentage of its budget.
+    pub key_budget_percent: Option<u32>,
+}
+
+/// Which usage records to export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageFilter {
+    pub account_id: String,
+    pub key_id: Option<String>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+}
+
+/// An alert waiting for delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingAlert {
+    pub id: i64,
+    pub payload: String,
+    pub attempts: i32,
 }
 
 /// A provider key sealed with the master key ([`crate::secrets`]).
@@ -219,8 +268,88 @@ pub trait Store: Send + Sync {
     /// Every sealed provider key, for re-sealing with a new master key.
     async fn all_provider_keys(&self) -> StoreResult<Vec<(String, String, SealedSecret)>>;
 
+    /// Lease a slice of a wallet to an instance, with one atomic conditional update: nothing
+    /// if the balance is under `min`, else `min(balance, max(min, want))`. With `lease_id`, the
+    /// existing open lease grows (and its expiry moves); otherwise a new lease is opened.
+    async fn lease(
+        &self,
+        account_id: &str,
+        instance_id: &str,
+        lease_id: Option<&str>,
+        min_nano_usd: i64,
+        want_nano_usd: i64,
+        ttl: Duration,
+    ) -> StoreResult<LeaseGrant>;
+    /// Move an open lease's expiry.
+    async fn extend_lease(&self, lease_id: &str, ttl: Duration) -> StoreResult<()>;
+    /// Close a lease its owner spent `spent` of, returning the rest to the wallet. `None` when
+    /// it was already settled (reclaimed after expiring).
+    async fn settle_lease(&self, lease_id: &str, spent_nano_usd: i64) -> StoreResult<Option<i64>>;
+    /// Close leases expired longer than `grace` (their instance is gone): what the usage log
+    /// shows spent stays spent, the rest returns. Usage of such a lease that arrives later is
+    /// billed to the wallet directly (as far as it covers it). Returns how many were closed.
+    async fn reclaim_expired_leases(&self, grace: Duration) -> StoreResult<u64>;
+
+    /// Insert usage records; a request id already present is skipped. Updates lifetime spend
+    /// of wallets and keys and writes an alert for each threshold crossed, in the same
+    /// transaction. Returns how many records were new.
+    async fn insert_usage(&self, records: &[crate::usage::UsageRecord], rules: &AlertRules) -> StoreResult<u64>;
+    /// Usage records by time, `limit` of them after `(created_at, request_id)`.
+    async fn usage_page(
+        &self,
+        filter: &UsageFilter,
+        after: Option<(DateTime<Utc>, String)>,
+        limit: u32,
+    ) -> StoreResult<Vec<crate::usage::UsageRecord>>;
+    /// Delete usage older than `before`; returns how many records went.
+    async fn purge_usage(&self, before: DateTime<Utc>) -> StoreResult<u64>;
+    /// Remove an account's personal data and keys; billing rows stay, no longer linked to a
+    /// person or a key.
+    async fn erase_account(&self, id: &str) -> StoreResult<()>;
+
+    /// Alerts due for delivery.
+    async fn due_alerts(&self, limit: u32) -> StoreResult<Vec<PendingAlert>>;
+    /// Delivered: remove it.
+    async fn alert_delivered(&self, id: i64) -> StoreResult<()>;
+    /// Not delivered: try again after `delay`.
+    async fn alert_failed(&self, id: i64, delay: Duration) -> StoreResult<()>;
+
     /// Changes announced by any instance sharing this store (including this one).
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;
+}
+
+/// The JSON an alert webhook receives when a wallet falls below its threshold.
+pub(crate) fn wallet_alert(account_id: &str, balance: i64, threshold: i64) -> String {
+    use crate::money::Usd;
+    serde_json::json!({
+        "type": "wallet.balance_low", "account_id": account_id,
+        "balance_usd": Usd(balance).to_string(), "threshold_usd": Usd(threshold).to_string(),
+        "at": Utc::now(),
+    })
+    .to_string()
+}
+
+/// The JSON an alert webhook receives when a key spends past a share of its budget.
+pub(crate) fn key_alert(account_id: &str, key_id: &str, spent: i64, budget: i64, percent: u32) -> String {
+    use crate::money::Usd;
+    serde_json::json!({
+        "type": "key.budget_share", "account_id": account_id, "key_id": key_id,
+        "spent_usd": Usd(spent).to_string(), "budget_usd": Usd(budget).to_string(), "percent": percent,
+        "at": Utc::now(),
+    })
+    .to_string()
+}
+
+/// The alerts a change of lifetime spend crosses: the wallet falling below its threshold, a
+/// key passing its share of budget. `before`/`after` are balances (wallet) or spends (key).
+pub(crate) fn crossed_below(before: i64, after: i64, threshold: Option<i64>) -> Option<i64> {
+    threshold.filter(|t| before >= *t && after < *t)
+}
+
+pub(crate) fn crossed_share(before: i64, after: i64, budget: Option<i64>, percent: Option<u32>) -> Option<(i64, u32)> {
+    let (budget, percent) = (budget?, percent?);
+    let threshold = (budget as i128 * percent as i128 / 100) as i64;
+    (before < threshold && after >= threshold).then_some((budget, percent))
 }
 
 /// Open the store a config names: `sqlite://PATH` (or a bare path) or `postgres://…`.

@@ -11,11 +11,14 @@
 
 use super::migrate::POSTGRES;
 use super::*;
+use crate::usage::UsageRecord;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use std::str::FromStr;
 use tokio::runtime::Handle;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 pub struct PgStore {
@@ -56,7 +59,10 @@ fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
 
 const ACCOUNT_COLUMNS: &str = "id, name, email, status, created_at";
 const KEY_COLUMNS: &str = "k.id, k.account_id, k.name, k.prefix, k.created_at, k.last_used_at, k.expires_at, \
-     k.revoked_at, k.allowed_models, k.rpm_limit, k.tpm_limit";
+     k.revoked_at, k.allowed_models, k.rpm_limit, k.tpm_limit, k.budget_nano_usd, k.spent_nano_usd";
+const USAGE_COLUMNS: &str = "request_id, account_id, key_id, created_at, route, requested_model, routed_model, \
+     provider, task, status, input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_nano_usd, \
+     unbilled_nano_usd, estimated, latency_ms, ttfb_ms, cache_hit, lease_id";
 
 fn account_from(row: &Row) -> StoreResult<Account> {
     Ok(Account {
@@ -81,7 +87,39 @@ fn key_from(row: &Row) -> KeyInfo {
         allowed_models: row.get(8),
         rpm_limit: row.get::<_, Option<i32>>(9).map(|v| v as u32),
         tpm_limit: row.get::<_, Option<i32>>(10).map(|v| v as u32),
+        budget_nano_usd: row.get(11),
+        spent_nano_usd: row.get(12),
     }
+}
+
+fn usage_from(row: &Row) -> UsageRecord {
+    UsageRecord {
+        request_id: row.get(0),
+        account_id: row.get(1),
+        key_id: row.get(2),
+        created_at: row.get(3),
+        route: row.get(4),
+        requested_model: row.get(5),
+        routed_model: row.get(6),
+        provider: row.get(7),
+        task: row.get(8),
+        status: row.get::<_, i32>(9) as u16,
+        input_tokens: row.get::<_, i64>(10) as u64,
+        output_tokens: row.get::<_, i64>(11) as u64,
+        cached_tokens: row.get::<_, i64>(12) as u64,
+        reasoning_tokens: row.get::<_, i64>(13) as u64,
+        cost_nano_usd: row.get(14),
+        unbilled_nano_usd: row.get(15),
+        estimated: row.get(16),
+        latency_ms: row.get::<_, i64>(17) as u64,
+        ttfb_ms: row.get::<_, Option<i64>>(18).map(|v| v as u64),
+        cache_hit: row.get(19),
+        lease_id: row.get(20),
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
 }
 
 type Client = deadpool_postgres::Object;
@@ -99,20 +137,33 @@ async fn get_wallet(c: &impl deadpool_postgres::GenericClient, account_id: &str)
     get_account(c, account_id).await?;
     let row = c
         .query_opt(
-            "SELECT balance_nano_usd, updated_at FROM wallets WHERE account_id = $1",
+            "SELECT w.balance_nano_usd, w.updated_at, w.credited_nano_usd, w.spent_nano_usd,
+                    COALESCE((SELECT sum(l.granted_nano_usd - COALESCE((SELECT sum(u.cost_nano_usd - u.unbilled_nano_usd)
+                                                                        FROM usage_records u WHERE u.lease_id = l.id), 0))
+                              FROM wallet_leases l WHERE l.account_id = w.account_id AND l.settled_at IS NULL), 0)::BIGINT
+             FROM wallets w WHERE w.account_id = $1",
             &[&account_id],
         )
         .await
         .map_err(pg_error)?;
     Ok(match row {
-        Some(row) => Wallet {
-            account_id: account_id.to_owned(),
-            balance_nano_usd: row.get(0),
-            updated_at: row.get(1),
-        },
+        Some(row) => {
+            let leased: i64 = row.get::<_, i64>(4).max(0);
+            Wallet {
+                account_id: account_id.to_owned(),
+                balance_nano_usd: row.get::<_, i64>(0) + leased,
+                leased_nano_usd: leased,
+                credited_nano_usd: row.get(2),
+                spent_nano_usd: row.get(3),
+                updated_at: row.get(1),
+            }
+        }
         None => Wallet {
             account_id: account_id.to_owned(),
             balance_nano_usd: 0,
+            leased_nano_usd: 0,
+            credited_nano_usd: 0,
+            spent_nano_usd: 0,
             updated_at: DateTime::default(),
         },
     })
@@ -359,8 +410,8 @@ impl Store for PgStore {
                 let row = c
                     .query_one(
                         &format!(
-                            "INSERT INTO api_keys (id, account_id, name, prefix, digest, expires_at, allowed_models, rpm_limit, tpm_limit)
-                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {}",
+                            "INSERT INTO api_keys (id, account_id, name, prefix, digest, expires_at, allowed_models, rpm_limit, tpm_limit, budget_nano_usd)
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING {}",
                             KEY_COLUMNS.replace("k.", "")
                         ),
                         &[
@@ -373,6 +424,7 @@ impl Store for PgStore {
                             &limits.allowed_models,
                             &limits.rpm_limit.map(|v| v as i32),
                             &limits.tpm_limit.map(|v| v as i32),
+                            &limits.budget_nano_usd,
                         ],
                     )
                     .await
@@ -439,7 +491,7 @@ impl Store for PgStore {
                     )
                     .await
                     .map_err(pg_error)?;
-                row.map(|row| Ok(KeyRecord { key: key_from(&row), account_status: AccountStatus::parse(row.get(11))? }))
+                row.map(|row| Ok(KeyRecord { key: key_from(&row), account_status: AccountStatus::parse(row.get(13))? }))
                     .transpose()
             })
         })
@@ -488,9 +540,9 @@ impl Store for PgStore {
                     == 1;
                 if inserted {
                     tx.execute(
-                        "INSERT INTO wallets (account_id, balance_nano_usd) VALUES ($1, $2)
+                        "INSERT INTO wallets (account_id, balance_nano_usd, credited_nano_usd) VALUES ($1, $2, $2)
                          ON CONFLICT (account_id) DO UPDATE SET balance_nano_usd = wallets.balance_nano_usd + EXCLUDED.balance_nano_usd,
-                         updated_at = now()",
+                         credited_nano_usd = wallets.credited_nano_usd + EXCLUDED.credited_nano_usd, updated_at = now()",
                         &[&account_id, &amount],
                     )
                     .await
@@ -606,6 +658,440 @@ impl Store for PgStore {
                     .iter()
                     .map(|r| (r.get(0), r.get(1), SealedSecret { key_version: r.get(2), nonce: r.get(3), ciphertext: r.get(4) }))
                     .collect())
+            })
+        })
+        .await
+    }
+
+    async fn lease(
+        &self,
+        account_id: &str,
+        instance_id: &str,
+        lease_id: Option<&str>,
+        min: i64,
+        want: i64,
+        ttl: Duration,
+    ) -> StoreResult<LeaseGrant> {
+        let (account_id, instance_id, lease_id) = (
+            account_id.to_owned(),
+            instance_id.to_owned(),
+            lease_id.map(str::to_owned),
+        );
+        self.with(move |mut c| {
+            Box::pin(async move {
+                let tx = c.transaction().await.map_err(pg_error)?;
+                let account = get_account(&tx, &account_id).await?;
+                if account.status != AccountStatus::Active {
+                    return Err(StoreError::Invalid(format!("the account is {}", account.status.as_str())));
+                }
+                // The atomic conditional update: take min(balance, max(min, want)) only if the
+                // balance covers `min`; concurrent leases serialize on the wallet's row.
+                let row = tx
+                    .query_opt(
+                        "UPDATE wallets w SET balance_nano_usd = w.balance_nano_usd - LEAST(o.old, GREATEST($2::BIGINT, $3::BIGINT)),
+                                              updated_at = now()
+                         FROM (SELECT balance_nano_usd AS old FROM wallets WHERE account_id = $1 FOR UPDATE) o
+                         WHERE w.account_id = $1 AND o.old >= GREATEST($2::BIGINT, 1)
+                         RETURNING o.old - w.balance_nano_usd, w.balance_nano_usd",
+                        &[&account_id, &min, &want],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                let (grant, balance) = match row {
+                    Some(row) => (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+                    None => {
+                        let balance = tx
+                            .query_opt("SELECT balance_nano_usd FROM wallets WHERE account_id = $1", &[&account_id])
+                            .await
+                            .map_err(pg_error)?
+                            .map_or(0, |r| r.get::<_, i64>(0));
+                        (0, balance)
+                    }
+                };
+                let mut id = lease_id.unwrap_or_default();
+                let grown = !id.is_empty()
+                    && tx
+                        .execute(
+                            "UPDATE wallet_leases SET granted_nano_usd = granted_nano_usd + $2, expires_at = now() + make_interval(secs => $3)
+                             WHERE id = $1 AND settled_at IS NULL",
+                            &[&id, &grant, &secs(ttl)],
+                        )
+                        .await
+                        .map_err(pg_error)?
+                        == 1;
+                if !grown {
+                    id = String::new();
+                    if grant > 0 {
+                        id = new_id("lease");
+                        tx.execute(
+                            "INSERT INTO wallet_leases (id, account_id, instance_id, granted_nano_usd, expires_at)
+                             VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))",
+                            &[&id, &account_id, &instance_id, &grant, &secs(ttl)],
+                        )
+                        .await
+                        .map_err(pg_error)?;
+                    }
+                }
+                tx.commit().await.map_err(pg_error)?;
+                Ok(LeaseGrant { lease_id: id, granted_nano_usd: grant, balance_nano_usd: balance })
+            })
+        })
+        .await
+    }
+
+    async fn extend_lease(&self, lease_id: &str, ttl: Duration) -> StoreResult<()> {
+        let lease_id = lease_id.to_owned();
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "UPDATE wallet_leases SET expires_at = now() + make_interval(secs => $2) WHERE id = $1 AND settled_at IS NULL",
+                    &[&lease_id, &secs(ttl)],
+                )
+                .await
+                .map_err(pg_error)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn settle_lease(&self, lease_id: &str, spent: i64) -> StoreResult<Option<i64>> {
+        let lease_id = lease_id.to_owned();
+        let result = self
+            .with(move |mut c| {
+                Box::pin(async move {
+                    let tx = c.transaction().await.map_err(pg_error)?;
+                    let row = tx
+                        .query_opt(
+                            "UPDATE wallet_leases SET settled_at = now(), spent_nano_usd = LEAST(GREATEST($2::BIGINT, 0), granted_nano_usd),
+                                                      settled_by = 'owner'
+                             WHERE id = $1 AND settled_at IS NULL
+                             RETURNING account_id, granted_nano_usd - spent_nano_usd",
+                            &[&lease_id, &spent],
+                        )
+                        .await
+                        .map_err(pg_error)?;
+                    let Some(row) = row else {
+                        let exists = tx.query_opt("SELECT 1 FROM wallet_leases WHERE id = $1", &[&lease_id]).await.map_err(pg_error)?;
+                        return if exists.is_some() { Ok(None) } else { Err(StoreError::NotFound("lease")) };
+                    };
+                    let (account_id, returned): (String, i64) = (row.get(0), row.get(1));
+                    tx.execute(
+                        "UPDATE wallets SET balance_nano_usd = balance_nano_usd + $2, updated_at = now() WHERE account_id = $1",
+                        &[&account_id, &returned],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                    if returned > 0 {
+                        tx.execute("SELECT pg_notify('komilion_' || current_schema(), 'wallet:' || $1::text)", &[&account_id])
+                            .await
+                            .map_err(pg_error)?;
+                    }
+                    tx.commit().await.map_err(pg_error)?;
+                    Ok(Some((account_id, returned)))
+                })
+            })
+            .await?;
+        Ok(result.map(|(account_id, returned)| {
+            if returned > 0 {
+                self.announce(StoreEvent::Wallet(account_id));
+            }
+            returned
+        }))
+    }
+
+    async fn reclaim_expired_leases(&self, grace: Duration) -> StoreResult<u64> {
+        self.with(move |mut c| {
+            Box::pin(async move {
+                let tx = c.transaction().await.map_err(pg_error)?;
+                let expired = tx
+                    .query(
+                        "SELECT id, account_id, granted_nano_usd FROM wallet_leases
+                         WHERE settled_at IS NULL AND expires_at < now() - make_interval(secs => $1)
+                         FOR UPDATE SKIP LOCKED",
+                        &[&secs(grace)],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                for row in &expired {
+                    let (id, account_id, granted): (String, String, i64) = (row.get(0), row.get(1), row.get(2));
+                    let spent: i64 = tx
+                        .query_one(
+                            "SELECT COALESCE(sum(cost_nano_usd - unbilled_nano_usd), 0)::BIGINT FROM usage_records WHERE lease_id = $1",
+                            &[&id],
+                        )
+                        .await
+                        .map_err(pg_error)?
+                        .get(0);
+                    let spent = spent.clamp(0, granted);
+                    tx.execute(
+                        "UPDATE wallet_leases SET settled_at = now(), spent_nano_usd = $2, settled_by = 'reclaim' WHERE id = $1",
+                        &[&id, &spent],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                    tx.execute(
+                        "UPDATE wallets SET balance_nano_usd = balance_nano_usd + $2, updated_at = now() WHERE account_id = $1",
+                        &[&account_id, &(granted - spent)],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                }
+                tx.commit().await.map_err(pg_error)?;
+                Ok(expired.len() as u64)
+            })
+        })
+        .await
+    }
+
+    async fn insert_usage(&self, records: &[UsageRecord], rules: &AlertRules) -> StoreResult<u64> {
+        let (records, rules) = (records.to_vec(), rules.clone());
+        self.with(move |mut c| {
+            Box::pin(async move {
+                let tx = c.transaction().await.map_err(pg_error)?;
+                tx.batch_execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS usage_incoming (LIKE usage_records INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
+                )
+                .await
+                .map_err(pg_error)?;
+                let sink = tx
+                    .copy_in(&format!("COPY usage_incoming ({USAGE_COLUMNS}) FROM STDIN (FORMAT binary)"))
+                    .await
+                    .map_err(pg_error)?;
+                let types = [
+                    Type::TEXT, Type::TEXT, Type::TEXT, Type::TIMESTAMPTZ, Type::TEXT, Type::TEXT, Type::TEXT,
+                    Type::TEXT, Type::TEXT, Type::INT4, Type::INT8, Type::INT8, Type::INT8, Type::INT8, Type::INT8,
+                    Type::INT8, Type::BOOL, Type::INT8, Type::INT8, Type::BOOL, Type::TEXT,
+                ];
+                let writer = BinaryCopyInWriter::new(sink, &types);
+                futures::pin_mut!(writer);
+                for r in &records {
+                    let row: [&(dyn tokio_postgres::types::ToSql + Sync); 21] = [
+                        &r.request_id, &r.account_id, &r.key_id, &r.created_at, &r.route, &r.requested_model,
+                        &r.routed_model, &r.provider, &r.task, &(r.status as i32), &(r.input_tokens as i64),
+                        &(r.output_tokens as i64), &(r.cached_tokens as i64), &(r.reasoning_tokens as i64),
+                        &r.cost_nano_usd, &r.unbilled_nano_usd, &r.estimated, &(r.latency_ms as i64),
+                        &r.ttfb_ms.map(|v| v as i64), &r.cache_hit, &r.lease_id,
+                    ];
+                    writer.as_mut().write(&row).await.map_err(pg_error)?;
+                }
+                writer.finish().await.map_err(pg_error)?;
+                let inserted = tx
+                    .query(
+                        &format!(
+                            "INSERT INTO usage_records ({USAGE_COLUMNS}) SELECT {USAGE_COLUMNS} FROM usage_incoming
+                             ON CONFLICT (request_id) DO NOTHING
+                             RETURNING request_id, account_id, key_id, cost_nano_usd - unbilled_nano_usd, lease_id"
+                        ),
+                        &[],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                // Leases reclaimed after their instance vanished: their late usage is billed now.
+                let lease_ids: Vec<String> = inserted.iter().filter_map(|r| r.get::<_, Option<String>>(4)).collect();
+                let reclaimed: Vec<String> = if lease_ids.is_empty() {
+                    Vec::new()
+                } else {
+                    tx.query("SELECT id FROM wallet_leases WHERE id = ANY($1) AND settled_by = 'reclaim'", &[&lease_ids])
+                        .await
+                        .map_err(pg_error)?
+                        .iter()
+                        .map(|r| r.get(0))
+                        .collect()
+                };
+                let mut by_account: Vec<(String, i64)> = Vec::new();
+                let mut by_key: Vec<(String, String, i64)> = Vec::new();
+                for row in &inserted {
+                    let (request_id, account_id, key_id, mut billed, lease): (String, String, Option<String>, i64, Option<String>) =
+                        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+                    if lease.is_some_and(|l| reclaimed.contains(&l)) && billed > 0 {
+                        let debit: i64 = tx
+                            .query_one(
+                                "UPDATE wallets w SET balance_nano_usd = w.balance_nano_usd - LEAST(o.old, $2)
+                                 FROM (SELECT balance_nano_usd AS old FROM wallets WHERE account_id = $1 FOR UPDATE) o
+                                 WHERE w.account_id = $1 RETURNING LEAST(o.old, $2)",
+                                &[&account_id, &billed],
+                            )
+                            .await
+                            .map_err(pg_error)?
+                            .get(0);
+                        tx.execute(
+                            "UPDATE usage_records SET unbilled_nano_usd = unbilled_nano_usd + $2 WHERE request_id = $1",
+                            &[&request_id, &(billed - debit)],
+                        )
+                        .await
+                        .map_err(pg_error)?;
+                        billed = debit;
+                    }
+                    match by_account.iter_mut().find(|(a, _)| *a == account_id) {
+                        Some((_, sum)) => *sum += billed,
+                        None => by_account.push((account_id.clone(), billed)),
+                    }
+                    if let Some(key) = key_id {
+                        match by_key.iter_mut().find(|(k, _, _)| *k == key) {
+                            Some((_, _, sum)) => *sum += billed,
+                            None => by_key.push((key, account_id, billed)),
+                        }
+                    }
+                }
+                for (account_id, delta) in by_account.into_iter().filter(|(_, d)| *d != 0) {
+                    let row = tx
+                        .query_opt(
+                            "UPDATE wallets SET spent_nano_usd = spent_nano_usd + $2 WHERE account_id = $1
+                             RETURNING credited_nano_usd, spent_nano_usd",
+                            &[&account_id, &delta],
+                        )
+                        .await
+                        .map_err(pg_error)?;
+                    if let Some(row) = row {
+                        let after = row.get::<_, i64>(0) - row.get::<_, i64>(1);
+                        if let Some(threshold) = crossed_below(after + delta, after, rules.wallet_below_nano_usd) {
+                            tx.execute("INSERT INTO alert_outbox (payload) VALUES ($1)", &[&wallet_alert(&account_id, after, threshold)])
+                                .await
+                                .map_err(pg_error)?;
+                        }
+                    }
+                }
+                for (key_id, account_id, delta) in by_key.into_iter().filter(|(_, _, d)| *d != 0) {
+                    let row = tx
+                        .query_opt(
+                            "UPDATE api_keys SET spent_nano_usd = spent_nano_usd + $2 WHERE id = $1 RETURNING spent_nano_usd, budget_nano_usd",
+                            &[&key_id, &delta],
+                        )
+                        .await
+                        .map_err(pg_error)?;
+                    if let Some(row) = row {
+                        let spent: i64 = row.get(0);
+                        if let Some((budget, percent)) = crossed_share(spent - delta, spent, row.get(1), rules.key_budget_percent) {
+                            tx.execute(
+                                "INSERT INTO alert_outbox (payload) VALUES ($1)",
+                                &[&key_alert(&account_id, &key_id, spent, budget, percent)],
+                            )
+                            .await
+                            .map_err(pg_error)?;
+                        }
+                    }
+                }
+                tx.commit().await.map_err(pg_error)?;
+                Ok(inserted.len() as u64)
+            })
+        })
+        .await
+    }
+
+    async fn usage_page(
+        &self,
+        filter: &UsageFilter,
+        after: Option<(DateTime<Utc>, String)>,
+        limit: u32,
+    ) -> StoreResult<Vec<UsageRecord>> {
+        let filter = filter.clone();
+        self.with(move |c| {
+            Box::pin(async move {
+                let (after_t, after_id) = after.map_or((None, String::new()), |(t, id)| (Some(t), id));
+                let rows = c
+                    .query(
+                        &format!(
+                            "SELECT {USAGE_COLUMNS} FROM usage_records
+                             WHERE account_id = $1 AND ($2::TEXT IS NULL OR key_id = $2)
+                               AND ($3::TIMESTAMPTZ IS NULL OR created_at >= $3) AND ($4::TIMESTAMPTZ IS NULL OR created_at < $4)
+                               AND ($5::TIMESTAMPTZ IS NULL OR (created_at, request_id) > ($5, $6))
+                             ORDER BY created_at, request_id LIMIT $7"
+                        ),
+                        &[&filter.account_id, &filter.key_id, &filter.from, &filter.to, &after_t, &after_id, &(limit as i64)],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                Ok(rows.iter().map(usage_from).collect())
+            })
+        })
+        .await
+    }
+
+    async fn purge_usage(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute("DELETE FROM usage_records WHERE created_at < $1", &[&before])
+                    .await
+                    .map_err(pg_error)
+            })
+        })
+        .await
+    }
+
+    async fn erase_account(&self, id: &str) -> StoreResult<()> {
+        let id = id.to_owned();
+        let account_id = id.clone();
+        self.with(move |mut c| {
+            Box::pin(async move {
+                let tx = c.transaction().await.map_err(pg_error)?;
+                get_account(&tx, &id).await?;
+                tx.execute(
+                    "UPDATE accounts SET name = '', email = NULL, status = 'erased' WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .map_err(pg_error)?;
+                tx.execute("DELETE FROM api_keys WHERE account_id = $1", &[&id])
+                    .await
+                    .map_err(pg_error)?;
+                tx.execute("DELETE FROM provider_keys WHERE account_id = $1", &[&id])
+                    .await
+                    .map_err(pg_error)?;
+                tx.execute("UPDATE usage_records SET key_id = NULL WHERE account_id = $1", &[&id])
+                    .await
+                    .map_err(pg_error)?;
+                tx.commit().await.map_err(pg_error)
+            })
+        })
+        .await?;
+        self.announce(StoreEvent::Account(account_id));
+        // Deleted keys are announced by the trigger; drop every cached key here at once too.
+        self.announce(StoreEvent::Resync);
+        Ok(())
+    }
+
+    async fn due_alerts(&self, limit: u32) -> StoreResult<Vec<PendingAlert>> {
+        self.with(move |c| {
+            Box::pin(async move {
+                // Claimed for a minute, so that two instances never send the same alert at once.
+                let rows = c
+                    .query(
+                        "UPDATE alert_outbox SET next_attempt_at = now() + interval '60 seconds'
+                         WHERE id IN (SELECT id FROM alert_outbox WHERE next_attempt_at <= now() ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                         RETURNING id, payload, attempts",
+                        &[&(limit as i64)],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                Ok(rows.iter().map(|r| PendingAlert { id: r.get(0), payload: r.get(1), attempts: r.get(2) }).collect())
+            })
+        })
+        .await
+    }
+
+    async fn alert_delivered(&self, id: i64) -> StoreResult<()> {
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute("DELETE FROM alert_outbox WHERE id = $1", &[&id])
+                    .await
+                    .map_err(pg_error)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn alert_failed(&self, id: i64, delay: Duration) -> StoreResult<()> {
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "UPDATE alert_outbox SET attempts = attempts + 1, next_attempt_at = now() + make_interval(secs => $2) WHERE id = $1",
+                    &[&id, &secs(delay)],
+                )
+                .await
+                .map_err(pg_error)?;
+                Ok(())
             })
         })
         .await

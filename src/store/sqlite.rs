@@ -6,6 +6,7 @@
 
 use super::migrate::SQLITE;
 use super::*;
+use crate::usage::UsageRecord;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use std::sync::Mutex;
 
@@ -55,7 +56,10 @@ fn to_account(raw: (String, String, Option<String>, String, i64)) -> StoreResult
 
 const ACCOUNT_COLUMNS: &str = "id, name, email, status, created_at";
 const KEY_COLUMNS: &str = "k.id, k.account_id, k.name, k.prefix, k.created_at, k.last_used_at, k.expires_at, \
-     k.revoked_at, k.allowed_models, k.rpm_limit, k.tpm_limit";
+     k.revoked_at, k.allowed_models, k.rpm_limit, k.tpm_limit, k.budget_nano_usd, k.spent_nano_usd";
+const USAGE_COLUMNS: &str = "request_id, account_id, key_id, created_at, route, requested_model, routed_model, \
+     provider, task, status, input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_nano_usd, \
+     unbilled_nano_usd, estimated, latency_ms, ttfb_ms, cache_hit, lease_id";
 
 fn key_from(row: &Row<'_>) -> rusqlite::Result<KeyInfo> {
     let models: String = row.get(8)?;
@@ -71,6 +75,34 @@ fn key_from(row: &Row<'_>) -> rusqlite::Result<KeyInfo> {
         allowed_models: serde_json::from_str(&models).unwrap_or_default(),
         rpm_limit: row.get(9)?,
         tpm_limit: row.get(10)?,
+        budget_nano_usd: row.get(11)?,
+        spent_nano_usd: row.get(12)?,
+    })
+}
+
+fn usage_from(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
+    Ok(UsageRecord {
+        request_id: row.get(0)?,
+        account_id: row.get(1)?,
+        key_id: row.get(2)?,
+        created_at: time(row.get(3)?),
+        route: row.get(4)?,
+        requested_model: row.get(5)?,
+        routed_model: row.get(6)?,
+        provider: row.get(7)?,
+        task: row.get(8)?,
+        status: row.get(9)?,
+        input_tokens: row.get::<_, i64>(10)? as u64,
+        output_tokens: row.get::<_, i64>(11)? as u64,
+        cached_tokens: row.get::<_, i64>(12)? as u64,
+        reasoning_tokens: row.get::<_, i64>(13)? as u64,
+        cost_nano_usd: row.get(14)?,
+        unbilled_nano_usd: row.get(15)?,
+        estimated: row.get(16)?,
+        latency_ms: row.get::<_, i64>(17)? as u64,
+        ttfb_ms: row.get::<_, Option<i64>>(18)?.map(|v| v as u64),
+        cache_hit: row.get(19)?,
+        lease_id: row.get(20)?,
     })
 }
 
@@ -91,18 +123,33 @@ fn get_wallet(conn: &Connection, account_id: &str) -> StoreResult<Wallet> {
     get_account(conn, account_id)?;
     let row = conn
         .query_row(
-            "SELECT balance_nano_usd, updated_at FROM wallets WHERE account_id = ?1",
+            "SELECT w.balance_nano_usd, w.updated_at, w.credited_nano_usd, w.spent_nano_usd,
+                    COALESCE((SELECT sum(l.granted_nano_usd - COALESCE((SELECT sum(u.cost_nano_usd - u.unbilled_nano_usd)
+                                                                        FROM usage_records u WHERE u.lease_id = l.id), 0))
+                              FROM wallet_leases l WHERE l.account_id = w.account_id AND l.settled_at IS NULL), 0)
+             FROM wallets w WHERE w.account_id = ?1",
             [account_id],
-            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?)),
         )
         .optional()
         .map_err(sql_error)?;
-    let (balance, updated) = row.unwrap_or((0, 0));
+    let (balance, updated, credited, spent, leased) = row.unwrap_or((0, 0, 0, 0, 0));
     Ok(Wallet {
         account_id: account_id.to_owned(),
-        balance_nano_usd: balance,
+        balance_nano_usd: balance + leased.max(0),
+        leased_nano_usd: leased.max(0),
+        credited_nano_usd: credited,
+        spent_nano_usd: spent,
         updated_at: time(updated),
     })
+}
+
+fn now_ms() -> i64 {
+    ms(Utc::now())
+}
+
+fn ttl_ms(ttl: Duration) -> i64 {
+    ttl.as_millis().min(i64::MAX as u128) as i64
 }
 
 impl SqliteStore {
@@ -289,6 +336,8 @@ impl Store for SqliteStore {
             allowed_models: limits.allowed_models.clone(),
             rpm_limit: limits.rpm_limit,
             tpm_limit: limits.tpm_limit,
+            budget_nano_usd: limits.budget_nano_usd,
+            spent_nano_usd: 0,
         };
         let k = key.clone();
         self.with(move |conn| {
@@ -297,8 +346,8 @@ impl Store for SqliteStore {
                 return Err(StoreError::Invalid(format!("the account is {}", account.status.as_str())));
             }
             conn.execute(
-                "INSERT INTO api_keys (id, account_id, name, prefix, digest, created_at, expires_at, allowed_models, rpm_limit, tpm_limit)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO api_keys (id, account_id, name, prefix, digest, created_at, expires_at, allowed_models, rpm_limit, tpm_limit, budget_nano_usd)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     k.id,
                     k.account_id,
@@ -309,7 +358,8 @@ impl Store for SqliteStore {
                     k.expires_at.map(ms),
                     serde_json::to_string(&k.allowed_models).unwrap_or_else(|_| "[]".into()),
                     k.rpm_limit,
-                    k.tpm_limit
+                    k.tpm_limit,
+                    k.budget_nano_usd
                 ],
             )
             .map_err(sql_error)?;
@@ -363,7 +413,7 @@ impl Store for SqliteStore {
             conn.query_row(
                 &format!("SELECT {KEY_COLUMNS}, a.status FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.digest = ?1"),
                 [&digest[..]],
-                |row| Ok((key_from(row)?, row.get::<_, String>(11)?)),
+                |row| Ok((key_from(row)?, row.get::<_, String>(13)?)),
             )
             .optional()
             .map_err(sql_error)?
@@ -414,9 +464,9 @@ impl Store for SqliteStore {
                     == 1;
                 if inserted {
                     tx.execute(
-                        "INSERT INTO wallets (account_id, balance_nano_usd, updated_at) VALUES (?1, ?2, ?3)
+                        "INSERT INTO wallets (account_id, balance_nano_usd, credited_nano_usd, updated_at) VALUES (?1, ?2, ?2, ?3)
                          ON CONFLICT (account_id) DO UPDATE SET balance_nano_usd = balance_nano_usd + excluded.balance_nano_usd,
-                         updated_at = excluded.updated_at",
+                         credited_nano_usd = credited_nano_usd + excluded.credited_nano_usd, updated_at = excluded.updated_at",
                         params![account_id, amount, now],
                     )
                     .map_err(sql_error)?;
@@ -522,6 +572,396 @@ impl Store for SqliteStore {
                 })
                 .map_err(sql_error)?;
             rows.map(|r| r.map_err(sql_error)).collect()
+        })
+        .await
+    }
+
+    async fn lease(
+        &self,
+        account_id: &str,
+        instance_id: &str,
+        lease_id: Option<&str>,
+        min: i64,
+        want: i64,
+        ttl: Duration,
+    ) -> StoreResult<LeaseGrant> {
+        let (account_id, instance_id, lease_id) = (
+            account_id.to_owned(),
+            instance_id.to_owned(),
+            lease_id.map(str::to_owned),
+        );
+        self.with(move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(sql_error)?;
+            let account = get_account(&tx, &account_id)?;
+            if account.status != AccountStatus::Active {
+                return Err(StoreError::Invalid(format!("the account is {}", account.status.as_str())));
+            }
+            let balance: i64 = tx
+                .query_row("SELECT balance_nano_usd FROM wallets WHERE account_id = ?1", [&account_id], |r| r.get(0))
+                .optional()
+                .map_err(sql_error)?
+                .unwrap_or(0);
+            let grant = if balance < min.max(1) { 0 } else { balance.min(min.max(want)) };
+            let now = now_ms();
+            let expires = now + ttl_ms(ttl);
+            let mut id = lease_id.unwrap_or_default();
+            let grown = !id.is_empty()
+                && tx
+                    .execute(
+                        "UPDATE wallet_leases SET granted_nano_usd = granted_nano_usd + ?2, expires_at = ?3
+                         WHERE id = ?1 AND settled_at IS NULL",
+                        params![id, grant, expires],
+                    )
+                    .map_err(sql_error)?
+                    == 1;
+            if !grown {
+                id = String::new();
+                if grant > 0 {
+                    id = new_id("lease");
+                    tx.execute(
+                        "INSERT INTO wallet_leases (id, account_id, instance_id, granted_nano_usd, created_at, expires_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        params![id, account_id, instance_id, grant, now, expires],
+                    )
+                    .map_err(sql_error)?;
+                }
+            }
+            if grant > 0 {
+                tx.execute(
+                    "UPDATE wallets SET balance_nano_usd = balance_nano_usd - ?2, updated_at = ?3 WHERE account_id = ?1",
+                    params![account_id, grant, now],
+                )
+                .map_err(sql_error)?;
+            }
+            tx.commit().map_err(sql_error)?;
+            Ok(LeaseGrant { lease_id: id, granted_nano_usd: grant, balance_nano_usd: balance - grant })
+        })
+        .await
+    }
+
+    async fn extend_lease(&self, lease_id: &str, ttl: Duration) -> StoreResult<()> {
+        let lease_id = lease_id.to_owned();
+        self.with(move |conn| {
+            conn.execute(
+                "UPDATE wallet_leases SET expires_at = ?2 WHERE id = ?1 AND settled_at IS NULL",
+                params![lease_id, now_ms() + ttl_ms(ttl)],
+            )
+            .map_err(sql_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn settle_lease(&self, lease_id: &str, spent: i64) -> StoreResult<Option<i64>> {
+        let lease_id = lease_id.to_owned();
+        let result = self
+            .with(move |conn| {
+                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(sql_error)?;
+                let row: Option<(String, i64, Option<i64>)> = tx
+                    .query_row(
+                        "SELECT account_id, granted_nano_usd, settled_at FROM wallet_leases WHERE id = ?1",
+                        [&lease_id],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()
+                    .map_err(sql_error)?;
+                let (account_id, granted, settled) = row.ok_or(StoreError::NotFound("lease"))?;
+                if settled.is_some() {
+                    return Ok(None);
+                }
+                let spent = spent.clamp(0, granted);
+                let returned = granted - spent;
+                let now = now_ms();
+                tx.execute(
+                    "UPDATE wallet_leases SET settled_at = ?2, spent_nano_usd = ?3, settled_by = 'owner' WHERE id = ?1",
+                    params![lease_id, now, spent],
+                )
+                .map_err(sql_error)?;
+                tx.execute(
+                    "UPDATE wallets SET balance_nano_usd = balance_nano_usd + ?2, updated_at = ?3 WHERE account_id = ?1",
+                    params![account_id, returned, now],
+                )
+                .map_err(sql_error)?;
+                tx.commit().map_err(sql_error)?;
+                Ok(Some((account_id, returned)))
+            })
+            .await?;
+        Ok(result.map(|(account_id, returned)| {
+            if returned > 0 {
+                self.announce(StoreEvent::Wallet(account_id));
+            }
+            returned
+        }))
+    }
+
+    async fn reclaim_expired_leases(&self, grace: Duration) -> StoreResult<u64> {
+        self.with(move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(sql_error)?;
+            let now = now_ms();
+            let expired: Vec<(String, String, i64)> = {
+                let mut stmt = tx
+                    .prepare("SELECT id, account_id, granted_nano_usd FROM wallet_leases WHERE settled_at IS NULL AND expires_at < ?1")
+                    .map_err(sql_error)?;
+                let rows = stmt.query_map([now - ttl_ms(grace)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(sql_error)?;
+                rows.collect::<Result<_, _>>().map_err(sql_error)?
+            };
+            for (id, account_id, granted) in &expired {
+                let spent: i64 = tx
+                    .query_row(
+                        "SELECT COALESCE(sum(cost_nano_usd - unbilled_nano_usd), 0) FROM usage_records WHERE lease_id = ?1",
+                        [id],
+                        |r| r.get(0),
+                    )
+                    .map_err(sql_error)?;
+                let spent = spent.clamp(0, *granted);
+                tx.execute(
+                    "UPDATE wallet_leases SET settled_at = ?2, spent_nano_usd = ?3, settled_by = 'reclaim' WHERE id = ?1",
+                    params![id, now, spent],
+                )
+                .map_err(sql_error)?;
+                tx.execute(
+                    "UPDATE wallets SET balance_nano_usd = balance_nano_usd + ?2, updated_at = ?3 WHERE account_id = ?1",
+                    params![account_id, granted - spent, now],
+                )
+                .map_err(sql_error)?;
+            }
+            tx.commit().map_err(sql_error)?;
+            Ok(expired.len() as u64)
+        })
+        .await
+    }
+
+    async fn insert_usage(&self, records: &[UsageRecord], rules: &AlertRules) -> StoreResult<u64> {
+        let (records, rules) = (records.to_vec(), rules.clone());
+        self.with(move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(sql_error)?;
+            let mut inserted = 0;
+            let mut by_account: Vec<(String, i64)> = Vec::new();
+            let mut by_key: Vec<(String, String, i64)> = Vec::new();
+            for r in &records {
+                let n = tx
+                    .execute(
+                        &format!("INSERT OR IGNORE INTO usage_records ({USAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"),
+                        params![
+                            r.request_id, r.account_id, r.key_id, ms(r.created_at), r.route, r.requested_model,
+                            r.routed_model, r.provider, r.task, r.status, r.input_tokens as i64, r.output_tokens as i64,
+                            r.cached_tokens as i64, r.reasoning_tokens as i64, r.cost_nano_usd, r.unbilled_nano_usd,
+                            r.estimated, r.latency_ms as i64, r.ttfb_ms.map(|v| v as i64), r.cache_hit, r.lease_id
+                        ],
+                    )
+                    .map_err(sql_error)?;
+                if n == 0 {
+                    continue;
+                }
+                inserted += 1;
+                let mut billed = r.cost_nano_usd - r.unbilled_nano_usd;
+                // Usage of a lease reclaimed after its instance vanished was not in what the
+                // reclaim kept: bill it now, as far as the wallet covers it.
+                if let Some(lease) = &r.lease_id {
+                    let reclaimed: bool = tx
+                        .query_row("SELECT EXISTS (SELECT 1 FROM wallet_leases WHERE id = ?1 AND settled_by = 'reclaim')", [lease], |row| row.get(0))
+                        .map_err(sql_error)?;
+                    if reclaimed && billed > 0 {
+                        let balance: i64 = tx
+                            .query_row("SELECT balance_nano_usd FROM wallets WHERE account_id = ?1", [&r.account_id], |row| row.get(0))
+                            .optional()
+                            .map_err(sql_error)?
+                            .unwrap_or(0);
+                        let debit = billed.min(balance.max(0));
+                        tx.execute("UPDATE wallets SET balance_nano_usd = balance_nano_usd - ?2 WHERE account_id = ?1", params![r.account_id, debit])
+                            .map_err(sql_error)?;
+                        tx.execute(
+                            "UPDATE usage_records SET unbilled_nano_usd = unbilled_nano_usd + ?2 WHERE request_id = ?1",
+                            params![r.request_id, billed - debit],
+                        )
+                        .map_err(sql_error)?;
+                        billed = debit;
+                    }
+                }
+                match by_account.iter_mut().find(|(a, _)| *a == r.account_id) {
+                    Some((_, sum)) => *sum += billed,
+                    None => by_account.push((r.account_id.clone(), billed)),
+                }
+                if let Some(key) = &r.key_id {
+                    match by_key.iter_mut().find(|(k, _, _)| k == key) {
+                        Some((_, _, sum)) => *sum += billed,
+                        None => by_key.push((key.clone(), r.account_id.clone(), billed)),
+                    }
+                }
+            }
+            let now = now_ms();
+            for (account_id, delta) in by_account.into_iter().filter(|(_, d)| *d != 0) {
+                let row: Option<(i64, i64)> = tx
+                    .query_row(
+                        "UPDATE wallets SET spent_nano_usd = spent_nano_usd + ?2 WHERE account_id = ?1 RETURNING credited_nano_usd, spent_nano_usd",
+                        params![account_id, delta],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()
+                    .map_err(sql_error)?;
+                if let Some((credited, spent)) = row {
+                    let after = credited - spent;
+                    if let Some(threshold) = crossed_below(after + delta, after, rules.wallet_below_nano_usd) {
+                        tx.execute(
+                            "INSERT INTO alert_outbox (payload, created_at, next_attempt_at) VALUES (?1, ?2, ?2)",
+                            params![wallet_alert(&account_id, after, threshold), now],
+                        )
+                        .map_err(sql_error)?;
+                    }
+                }
+            }
+            for (key_id, account_id, delta) in by_key.into_iter().filter(|(_, _, d)| *d != 0) {
+                let row: Option<(i64, Option<i64>)> = tx
+                    .query_row(
+                        "UPDATE api_keys SET spent_nano_usd = spent_nano_usd + ?2 WHERE id = ?1 RETURNING spent_nano_usd, budget_nano_usd",
+                        params![key_id, delta],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()
+                    .map_err(sql_error)?;
+                if let Some((spent, budget)) = row {
+                    if let Some((budget, percent)) = crossed_share(spent - delta, spent, budget, rules.key_budget_percent) {
+                        tx.execute(
+                            "INSERT INTO alert_outbox (payload, created_at, next_attempt_at) VALUES (?1, ?2, ?2)",
+                            params![key_alert(&account_id, &key_id, spent, budget, percent), now],
+                        )
+                        .map_err(sql_error)?;
+                    }
+                }
+            }
+            tx.commit().map_err(sql_error)?;
+            Ok(inserted)
+        })
+        .await
+    }
+
+    async fn usage_page(
+        &self,
+        filter: &UsageFilter,
+        after: Option<(DateTime<Utc>, String)>,
+        limit: u32,
+    ) -> StoreResult<Vec<UsageRecord>> {
+        let filter = filter.clone();
+        self.with(move |conn| {
+            let (after_ms, after_id) = after.map_or((i64::MIN, String::new()), |(t, id)| (ms(t), id));
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT {USAGE_COLUMNS} FROM usage_records
+                     WHERE account_id = ?1 AND (?2 IS NULL OR key_id = ?2) AND created_at >= ?3 AND created_at < ?4
+                       AND (created_at, request_id) > (?5, ?6)
+                     ORDER BY created_at, request_id LIMIT ?7"
+                ))
+                .map_err(sql_error)?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        filter.account_id,
+                        filter.key_id,
+                        filter.from.map_or(i64::MIN, ms),
+                        filter.to.map_or(i64::MAX, ms),
+                        after_ms,
+                        after_id,
+                        limit
+                    ],
+                    usage_from,
+                )
+                .map_err(sql_error)?;
+            rows.map(|r| r.map_err(sql_error)).collect()
+        })
+        .await
+    }
+
+    async fn purge_usage(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+        self.with(move |conn| {
+            let n = conn
+                .execute("DELETE FROM usage_records WHERE created_at < ?1", [ms(before)])
+                .map_err(sql_error)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn erase_account(&self, id: &str) -> StoreResult<()> {
+        let id = id.to_owned();
+        let digests = self
+            .with(move |conn| {
+                let tx = conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(sql_error)?;
+                get_account(&tx, &id)?;
+                let digests: Vec<Vec<u8>> = {
+                    let mut stmt = tx
+                        .prepare("SELECT digest FROM api_keys WHERE account_id = ?1")
+                        .map_err(sql_error)?;
+                    let rows = stmt.query_map([&id], |r| r.get(0)).map_err(sql_error)?;
+                    rows.collect::<Result<_, _>>().map_err(sql_error)?
+                };
+                tx.execute(
+                    "UPDATE accounts SET name = '', email = NULL, status = 'erased' WHERE id = ?1",
+                    [&id],
+                )
+                .map_err(sql_error)?;
+                tx.execute("DELETE FROM api_keys WHERE account_id = ?1", [&id])
+                    .map_err(sql_error)?;
+                tx.execute("DELETE FROM provider_keys WHERE account_id = ?1", [&id])
+                    .map_err(sql_error)?;
+                tx.execute("UPDATE usage_records SET key_id = NULL WHERE account_id = ?1", [&id])
+                    .map_err(sql_error)?;
+                tx.commit().map_err(sql_error)?;
+                Ok((id, digests))
+            })
+            .await?;
+        let (id, digests) = digests;
+        for d in digests {
+            if let Ok(d) = <[u8; 32]>::try_from(d.as_slice()) {
+                self.announce(StoreEvent::Key(d));
+            }
+        }
+        self.announce(StoreEvent::Account(id));
+        Ok(())
+    }
+
+    async fn due_alerts(&self, limit: u32) -> StoreResult<Vec<PendingAlert>> {
+        self.with(move |conn| {
+            let now = now_ms();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(sql_error)?;
+            let due: Vec<PendingAlert> = {
+                let mut stmt = tx
+                    .prepare("SELECT id, payload, attempts FROM alert_outbox WHERE next_attempt_at <= ?1 ORDER BY id LIMIT ?2")
+                    .map_err(sql_error)?;
+                let rows = stmt
+                    .query_map(params![now, limit], |r| Ok(PendingAlert { id: r.get(0)?, payload: r.get(1)?, attempts: r.get(2)? }))
+                    .map_err(sql_error)?;
+                rows.collect::<Result<_, _>>().map_err(sql_error)?
+            };
+            // Claimed for a minute: a sender that dies leaves them to the next one.
+            for a in &due {
+                tx.execute("UPDATE alert_outbox SET next_attempt_at = ?2 WHERE id = ?1", params![a.id, now + 60_000])
+                    .map_err(sql_error)?;
+            }
+            tx.commit().map_err(sql_error)?;
+            Ok(due)
+        })
+        .await
+    }
+
+    async fn alert_delivered(&self, id: i64) -> StoreResult<()> {
+        self.with(move |conn| {
+            conn.execute("DELETE FROM alert_outbox WHERE id = ?1", [id])
+                .map_err(sql_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn alert_failed(&self, id: i64, delay: Duration) -> StoreResult<()> {
+        self.with(move |conn| {
+            conn.execute(
+                "UPDATE alert_outbox SET attempts = attempts + 1, next_attempt_at = ?2 WHERE id = ?1",
+                params![id, now_ms() + ttl_ms(delay)],
+            )
+            .map_err(sql_error)?;
+            Ok(())
         })
         .await
     }

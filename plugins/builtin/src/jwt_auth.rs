@@ -288,6 +288,7 @@ impl Plugin for JwtAuth {
             allowed_models,
             rpm_limit: self.settings.rpm_limit,
             tpm_limit: self.settings.tpm_limit,
+            prepaid: self.accounts.is_some(),
         });
         Flow::Continue
     }

@@ -17,6 +17,9 @@ pub struct Principal {
     pub rpm_limit: Option<u32>,
     /// Tokens per minute allowed for this credential, if limited.
     pub tpm_limit: Option<u32>,
+    /// The account pays from a prepaid wallet in the store (keys and JWTs backed by the
+    /// store); static keys from the config are not billed.
+    pub prepaid: bool,
 }
 
 impl Principal {
