@@ -40,9 +40,9 @@ fn sse(c: &mut Criterion) {
             for piece in stream.chunks(1024) {
                 splitter.push(piece);
                 splitter.drain(|raw| {
-                    let e = SseEvent::parse(raw);
+                    let e = SseEvent::parse(&raw);
                     events += e.data.len().min(1);
-                    true
+                    Some(raw)
                 });
             }
             events
@@ -167,5 +167,81 @@ fn warm_key_auth(c: &mut Criterion) {
     c.bench_function("key_auth with a warm cache", |b| b.to_async(&rt).iter(run));
 }
 
-criterion_group!(benches, sse, json, chain, warm_key_auth);
+/// The metering path: every event of a stream through the relay's meter (usage requested for
+/// the gateway, so `"usage":null` is cut from each chunk and the usage chunk dropped), then per
+/// request the cost and the usage record appended to the spool.
+fn metering(c: &mut Criterion) {
+    use komilion::metering::stream::StreamMeter;
+    use komilion::usage::spool::UsageSpool;
+    use komilion::usage::UsageRecord;
+    let with_usage = |n: usize| -> Vec<u8> {
+        let mut s = String::from_utf8(openai_stream(n)).unwrap();
+        s = s.replace("]}\n\n", "],\"usage\":null}\n\n");
+        let usage = "data: {\"id\":\"chatcmpl-abc\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":200,\"total_tokens\":212}}\n\n";
+        s = s.replace("data: [DONE]", &format!("{usage}data: [DONE]"));
+        s.into_bytes()
+    };
+    let stream = with_usage(200);
+    let events = 200 + 4;
+    let mut group = c.benchmark_group("metering");
+    group.throughput(Throughput::Elements(events));
+    group.bench_function("relay + meter, per event (200-chunk stream)", |b| {
+        b.iter(|| {
+            let mut splitter = SseSplitter::new();
+            let mut meter = StreamMeter::new(true);
+            let mut out = 0;
+            for piece in stream.chunks(1024) {
+                splitter.push(piece);
+                out += splitter.drain(|raw| meter.inspect(raw)).map_or(0, |b| b.len());
+            }
+            assert!(meter.usage.is_some());
+            out
+        })
+    });
+    group.finish();
+
+    let dir = tempfile::tempdir().unwrap();
+    let spool = UsageSpool::open(dir.path()).unwrap();
+    let small = with_usage(10);
+    let price = komilion::catalog::ModelPrice {
+        input: 150_000_000,
+        output: 600_000_000,
+        cached_input: 75_000_000,
+    };
+    c.bench_function("metering: per request (11-event stream, cost, spool append)", |b| {
+        b.iter(|| {
+            let mut splitter = SseSplitter::new();
+            let mut meter = StreamMeter::new(true);
+            splitter.push(&small);
+            splitter.drain(|raw| meter.inspect(raw));
+            let usage = meter.usage.unwrap();
+            let record = UsageRecord {
+                request_id: "01a2236881259367b78ea2db760d6dba".into(),
+                account_id: "acct_0123456789abcdef01234567".into(),
+                key_id: Some("key_0123456789abcdef01234567".into()),
+                created_at: chrono::Utc::now(),
+                route: "chat_completions".into(),
+                requested_model: Some("gpt-4o-mini".into()),
+                routed_model: Some("gpt-4o-mini".into()),
+                provider: Some("openai".into()),
+                task: None,
+                status: 200,
+                input_tokens: usage.input_tokens,
+                output_tokens: usage.output_tokens,
+                cached_tokens: 0,
+                reasoning_tokens: 0,
+                cost_nano_usd: komilion::metering::cost(&price, &usage),
+                unbilled_nano_usd: 0,
+                estimated: false,
+                latency_ms: 120,
+                ttfb_ms: Some(40),
+                cache_hit: false,
+                lease_id: Some("lease_0123456789abcdef01234567".into()),
+            };
+            spool.append(&record).unwrap();
+        })
+    });
+}
+
+criterion_group!(benches, sse, json, chain, warm_key_auth, metering);
 criterion_main!(benches);

@@ -41,6 +41,28 @@ plugins:
 YAML
 RUST_LOG=error taskset -c 1 $BIN serve -c $DIR/komilion.yaml &
 GW_PID=$!
+
+# The same gateway with metering on: a store (SQLite), store-backed keys, prepaid wallet,
+# usage spool and batcher.
+BILLED_PORT=$(free_port); BILLED_METRICS=$(free_port)
+STORE="sqlite://$DIR/billing.db"
+ACCOUNT=$($BIN admin --store $STORE accounts create --name bench --email bench@example.com | python3 -c 'import json,sys;print(json.load(sys.stdin)["id"])')
+BILLED_KEY=$($BIN admin --store $STORE keys create $ACCOUNT --name bench | python3 -c 'import json,sys;print(json.load(sys.stdin)["key"])')
+$BIN admin --store $STORE wallet topup $ACCOUNT --amount-usd 100000 >/dev/null
+cat > $DIR/billed.yaml <<YAML
+server: {threads: 1, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1, pid_file: $DIR/b.pid, upgrade_sock: $DIR/b.sock}
+listen: {gateway: ["127.0.0.1:$BILLED_PORT"], metrics: "127.0.0.1:$BILLED_METRICS"}
+store: "$STORE"
+usage: {spool_dir: "$DIR/spool"}
+providers:
+  - {name: sim, kind: openai, base_url: "http://127.0.0.1:$MOCK_PORT/v1", api_key: $PROVIDER_KEY, models: [gpt-4o-mini]}
+plugins:
+  - name: request_id
+  - name: key_auth
+YAML
+RUST_LOG=error taskset -c 1 $BIN serve -c $DIR/billed.yaml &
+BILLED_PID=$!
+for _ in $(seq 100); do curl -sf localhost:$BILLED_METRICS/health >/dev/null && break; sleep 0.1; done
 for _ in $(seq 100); do curl -sf localhost:$METRICS_PORT/health >/dev/null && break; sleep 0.1; done
 
 cpu_ticks() { # utime+stime of the processes given, in clock ticks
@@ -55,15 +77,15 @@ HZ=$(getconf CLK_TCK)
 # request at a time, where pinning would only add cross-core wake-ups to every hop).
 pin() {
   local proxy_cores=$1 rest_cores=$2
-  for pid in $GW_PID $(nginx_pids); do taskset -apc $proxy_cores $pid >/dev/null; done
+  for pid in $GW_PID $BILLED_PID $(nginx_pids); do taskset -apc $proxy_cores $pid >/dev/null; done
   taskset -apc $rest_cores $MOCK_PID >/dev/null
   WRK_CORES=$rest_cores
 }
 
 run() { # name url stream connections -> one markdown row
   local name=$1 url=$2 stream=$3 conns=$4 pids=""
-  case $name in gateway) pids=$GW_PID ;; nginx) pids=$(nginx_pids) ;; esac
-  export KEY=$CLIENT_KEY; [ $name = direct ] && KEY=$PROVIDER_KEY
+  case $name in gateway) pids=$GW_PID ;; gateway+metering) pids=$BILLED_PID ;; nginx) pids=$(nginx_pids) ;; esac
+  export KEY=$CLIENT_KEY; [ $name = direct ] && KEY=$PROVIDER_KEY; [ $name = gateway+metering ] && KEY=$BILLED_KEY
   export BODY="{\"model\":\"gpt-4o-mini\",\"stream\":$stream,\"messages\":[{\"role\":\"user\",\"content\":\"Benchmark prompt: say something short.\"}]}"
   local before=0; [ -n "$pids" ] && before=$(cpu_ticks $pids)
   local out; out=$(taskset -c $WRK_CORES wrk -t1 -c$conns -d${DURATION}s --latency -s benches/post.lua "$url")
@@ -91,5 +113,6 @@ for conns in $CONCURRENCY 1; do
     run direct "http://127.0.0.1:$MOCK_PORT/v1/chat/completions" $stream $conns
     run nginx "http://127.0.0.1:$NGINX_PORT/v1/chat/completions" $stream $conns
     run gateway "http://127.0.0.1:$GW_PORT/v1/chat/completions" $stream $conns
+    [ $conns = 1 ] || run gateway+metering "http://127.0.0.1:$BILLED_PORT/v1/chat/completions" $stream $conns
   done
 done

@@ -114,12 +114,15 @@ store: "{store_url}"
 admin:
   listen: "127.0.0.1:{admin_port}"
   token: "{admin_token}"
+usage:
+  spool_dir: "{spool_dir}"
 plugins:
   - name: request_id
   - name: key_auth
   - name: rate_limit
 "#,
-        base = mock.base_url()
+        base = mock.base_url(),
+        spool_dir = data_dir.join("spool").display()
     );
     let config = Config::from_yaml(&yaml, &|_| None)?;
     let server = build_server(&config, Opt::default())?;

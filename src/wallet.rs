@@ -8,11 +8,13 @@
 //! therefore never goes below zero, whatever the concurrency and the number of instances, and
 //! every nano-dollar that leaves it is either returned or recorded as a request's cost.
 //!
-//! Sizing: a lease asks for what the request needs or [`WalletSettings::lease_target`] times the
-//! hold, whichever is more, capped by [`WalletSettings::lease_max`]; the store grants at most
-//! the balance. Worst case, a crashed instance strands `lease_max` per account it served until
-//! its leases expire (`lease_ttl`) and are reclaimed (`reclaim_grace` later): reclaiming keeps
-//! what the usage log shows spent and returns the rest.
+//! Sizing ([`crate::store::lease_grant`]): a lease takes a quarter of the wallet's unleased
+//! balance, at least what the request needs and at most [`WalletSettings::lease_max`]. So one
+//! instance can serve an account through a store outage on its lease, and N instances serving
+//! one account each get a share. Worst case, a crashed instance strands at most `lease_max` (and
+//! never more than a quarter of the balance at each lease) per account it served, until its
+//! leases expire (`lease_ttl`) and are reclaimed (`reclaim_grace` later): reclaiming keeps what
+//! the usage log shows spent and returns the rest.
 
 use crate::store::cache::StoreSlot;
 use crate::store::StoreError;
@@ -26,8 +28,6 @@ pub struct WalletSettings {
     pub max_output_tokens: u64,
     /// Largest lease per account and instance, nano-USD.
     pub lease_max: i64,
-    /// A lease asks for this many times the hold that triggered it.
-    pub lease_target: i64,
     /// Lease lifetime in the store; renewed while in use.
     pub lease_ttl: Duration,
     /// A lease with nothing held for this long goes back to the wallet.
@@ -41,7 +41,6 @@ impl Default for WalletSettings {
         WalletSettings {
             max_output_tokens: 8192,
             lease_max: 5 * crate::money::NANOS_PER_USD,
-            lease_target: 20,
             lease_ttl: Duration::from_secs(30),
             idle_return: Duration::from_secs(10),
             reclaim_grace: Duration::from_secs(300),
@@ -173,10 +172,7 @@ impl WalletBook {
             .get()
             .ok_or_else(|| WalletError::Unavailable("the store is still opening".into()))?;
         let min = (amount - available).max(1);
-        let want = amount
-            .saturating_mul(self.settings.lease_target)
-            .min(self.settings.lease_max)
-            .max(min);
+        let want = self.settings.lease_max.max(min);
         let grant = store
             .lease(
                 account_id,
@@ -352,7 +348,6 @@ mod tests {
         let _ = slot.set(store.clone());
         let settings = WalletSettings {
             lease_max: 1_000,
-            lease_target: 4,
             idle_return: Duration::ZERO,
             ..Default::default()
         };
@@ -363,8 +358,8 @@ mod tests {
     async fn holds_lease_locally_and_settle_exactly() {
         let (_dir, store, book, account) = book_with("0.000005").await; // 5,000 nano-USD
         let h = book.hold(&account, 100).await.unwrap();
-        // One lease of 4 × 100 nano-USD; the next holds need no store.
-        assert_eq!(store.wallet(&account).await.unwrap().leased_nano_usd, 400);
+        // One lease of lease_max (a quarter of 5,000 is more); the next holds need no store.
+        assert_eq!(store.wallet(&account).await.unwrap().leased_nano_usd, 1_000);
         let h2 = book.hold(&account, 100).await.unwrap();
         let s = book.settle(&h, 60);
         assert_eq!((s.billed, s.unbilled), (60, 0));

@@ -64,6 +64,15 @@ async fn admin_api_contract(store_url: &str) {
     assert_eq!(keys["data"][0]["id"], key_id.as_str());
     assert!(!keys.to_string().contains(&secret[10..]), "the secret is never listed");
 
+    // Prepaid: the account needs money before it can call.
+    let (status, _) = admin
+        .call(
+            Method::POST,
+            &format!("/accounts/{id}/wallet/topup"),
+            Some(json!({"amount_usd": "1"})),
+        )
+        .await;
+    assert_eq!(status, 200);
     let (status, _, headers) = chat(&gw, &secret, "gpt-4o-mini").await;
     assert_eq!(status, 200);
     assert_eq!(headers["x-komilion-provider"], "sim");
@@ -80,14 +89,15 @@ async fn admin_api_contract(store_url: &str) {
         .unwrap();
     assert_eq!(resp.status(), 200);
 
-    // Wallets.
-    let (status, wallet) = admin.call(Method::GET, &format!("/accounts/{id}/wallet"), None).await;
+    // Wallets (of an account that makes no calls, so balances are exact).
+    let (wid, _, _) = admin.account_with_key(json!({"name": "w"}), None).await;
+    let (status, wallet) = admin.call(Method::GET, &format!("/accounts/{wid}/wallet"), None).await;
     assert_eq!((status, wallet["balance_usd"].as_str()), (200, Some("0")));
     let topup = |amount: &str| json!({"amount_usd": amount});
     let (status, wallet) = admin
         .call(
             Method::POST,
-            &format!("/accounts/{id}/wallet/topup"),
+            &format!("/accounts/{wid}/wallet/topup"),
             Some(topup("12.50")),
         )
         .await;
@@ -100,20 +110,24 @@ async fn admin_api_contract(store_url: &str) {
     let (status, _) = admin
         .call(
             Method::POST,
-            &format!("/accounts/{id}/wallet/topup"),
+            &format!("/accounts/{wid}/wallet/topup"),
             Some(json!({"amount_usd": 12.5})),
         )
         .await;
     assert_eq!(status, 400, "a float amount is refused");
     let (status, _) = admin
-        .call(Method::POST, &format!("/accounts/{id}/wallet/topup"), Some(topup("-1")))
+        .call(
+            Method::POST,
+            &format!("/accounts/{wid}/wallet/topup"),
+            Some(topup("-1")),
+        )
         .await;
     assert_eq!(status, 400);
     // An idempotency key makes a retried top-up a no-op.
     for _ in 0..2 {
         let resp = admin
             .client
-            .post(format!("{}/accounts/{id}/wallet/topup", admin.base))
+            .post(format!("{}/accounts/{wid}/wallet/topup", admin.base))
             .bearer_auth(ADMIN_TOKEN)
             .header("idempotency-key", "retry-me")
             .json(&topup("1"))
@@ -122,7 +136,7 @@ async fn admin_api_contract(store_url: &str) {
             .unwrap();
         assert_eq!(resp.status(), 200);
     }
-    let (_, wallet) = admin.call(Method::GET, &format!("/accounts/{id}/wallet"), None).await;
+    let (_, wallet) = admin.call(Method::GET, &format!("/accounts/{wid}/wallet"), None).await;
     assert_eq!(wallet["balance_usd"], "13.5");
 
     // Revocation takes effect on the next request.
@@ -183,7 +197,7 @@ async fn admin_api_contract(store_url: &str) {
     );
 
     // Disabled accounts are refused with 403.
-    let (account2, _, secret2) = admin.account_with_key(json!({"name": "k2"}), None).await;
+    let (account2, _, secret2) = admin.account_with_key(json!({"name": "k2"}), Some("1")).await;
     assert_eq!(chat(&gw, &secret2, "gpt-4o-mini").await.0, 200);
     let (status, _) = admin
         .call(
@@ -219,7 +233,7 @@ async fn a_revoked_key_stops_working_on_every_instance_within_a_second() {
     let providers = [ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])];
     let (a, admin) = GatewayProcess::with_store(&providers, &url, STORE_PLUGINS, "");
     let (b, _) = GatewayProcess::with_store(&providers, &url, STORE_PLUGINS, "");
-    let (_, key_id, secret) = admin.account_with_key(json!({"name": "shared"}), None).await;
+    let (_, key_id, secret) = admin.account_with_key(json!({"name": "shared"}), Some("1")).await;
     // Warm both caches.
     assert_eq!(chat(&a, &secret, "gpt-4o-mini").await.0, 200);
     assert_eq!(chat(&b, &secret, "gpt-4o-mini").await.0, 200);
@@ -254,7 +268,7 @@ async fn rate_limits_answer_429_with_retry_after() {
         "",
     );
     let (_, _, secret) = admin
-        .account_with_key(json!({"name": "slow", "rpm_limit": 2}), None)
+        .account_with_key(json!({"name": "slow", "rpm_limit": 2}), Some("1"))
         .await;
     assert_eq!(chat(&gw, &secret, "gpt-4o-mini").await.0, 200);
     assert_eq!(chat(&gw, &secret, "gpt-4o-mini").await.0, 200);
@@ -266,7 +280,7 @@ async fn rate_limits_answer_429_with_retry_after() {
     assert!((1..=30).contains(&retry), "{retry}");
 
     let (_, _, tight) = admin
-        .account_with_key(json!({"name": "few tokens", "tpm_limit": 50}), None)
+        .account_with_key(json!({"name": "few tokens", "tpm_limit": 50}), Some("1"))
         .await;
     let big = "word ".repeat(100);
     let resp = http()

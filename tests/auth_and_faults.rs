@@ -39,7 +39,7 @@ async fn jwt_and_api_keys_side_by_side() {
         &plugins,
         "",
     );
-    let (account, _, secret) = admin.account_with_key(json!({"name": "k"}), None).await;
+    let (account, _, secret) = admin.account_with_key(json!({"name": "k"}), Some("1")).await;
     let good = json!({"sub": account, "iss": "https://idp.test", "aud": "komilion", "exp": now() + 300, "models": ["gpt-4o-mini"]});
 
     assert_eq!(chat(&gw, &jwt(good.clone()), "gpt-4o-mini").await.0, 200);
@@ -175,8 +175,8 @@ async fn a_store_outage_keeps_cached_keys_working_and_fails_fast_otherwise() {
         STORE_PLUGINS,
         "",
     );
-    let (_, _, warm) = admin.account_with_key(json!({"name": "warm"}), None).await;
-    let (_, _, cold) = admin.account_with_key(json!({"name": "cold"}), None).await;
+    let (_, _, warm) = admin.account_with_key(json!({"name": "warm"}), Some("1")).await;
+    let (_, _, cold) = admin.account_with_key(json!({"name": "cold"}), Some("1")).await;
     assert_eq!(chat(&gw, &warm, "gpt-4o-mini").await.0, 200);
 
     relay.cut();

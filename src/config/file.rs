@@ -27,7 +27,7 @@ pub struct FileConfig {
 }
 
 impl FileConfig {
-    const SECTIONS: [&'static str; 8] = [
+    const SECTIONS: [&'static str; 12] = [
         "server",
         "listen",
         "limits",
@@ -36,6 +36,10 @@ impl FileConfig {
         "store",
         "admin",
         "stripe",
+        "usage",
+        "wallets",
+        "alerts",
+        "catalog",
     ];
 
     pub fn from_json(json: &Json, issues: &mut Vec<ConfigIssue>) -> FileConfig {

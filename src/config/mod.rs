@@ -172,7 +172,6 @@ impl Config {
             lease_ttl: Duration::from_secs(file.wallets.lease_ttl_secs),
             idle_return: Duration::from_secs(file.wallets.idle_return_secs),
             reclaim_grace: Duration::from_secs(file.wallets.reclaim_grace_secs),
-            ..Default::default()
         };
         if file.usage.batch_size == 0 {
             issues.push(ConfigIssue::new("usage.batch_size", "must be at least 1"));

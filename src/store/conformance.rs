@@ -286,19 +286,28 @@ pub async fn leases(store: &dyn Store) {
         .await
         .expect("lease");
     assert_eq!((none.granted_nano_usd, none.lease_id.as_str()), (0, ""));
-    // max(min, want), capped by the balance.
+    // A quarter of the balance, at least min, at most want.
     let a = store
         .lease(&account.id, "i1", None, 100, 300, ttl)
         .await
         .expect("lease");
-    assert_eq!((a.granted_nano_usd, a.balance_nano_usd), (300, 700));
+    assert_eq!((a.granted_nano_usd, a.balance_nano_usd), (250, 750));
+    let b0 = store
+        .lease(&account.id, "i2", None, 600, 5_000, ttl)
+        .await
+        .expect("at least min");
+    assert_eq!((b0.granted_nano_usd, b0.balance_nano_usd), (600, 150));
+    assert_eq!(
+        store.settle_lease(&b0.lease_id, 0).await.expect("give it back"),
+        Some(600)
+    );
     let grown = store
-        .lease(&account.id, "i1", Some(&a.lease_id), 100, 5_000, ttl)
+        .lease(&account.id, "i1", Some(&a.lease_id), 750, 5_000, ttl)
         .await
         .expect("grow");
     assert_eq!(
         (grown.lease_id.as_str(), grown.granted_nano_usd, grown.balance_nano_usd),
-        (a.lease_id.as_str(), 700, 0)
+        (a.lease_id.as_str(), 750, 0)
     );
     let w = store.wallet(&account.id).await.expect("wallet");
     assert_eq!(
@@ -307,7 +316,7 @@ pub async fn leases(store: &dyn Store) {
         "leased money still counts as the account's"
     );
     store.extend_lease(&a.lease_id, ttl).await.expect("extend");
-    // Settle: 250 spent, 750 back; a second settle is a no-op.
+    // Settle (1,000 granted in all): 250 spent, 750 back; a second settle is a no-op.
     assert_eq!(store.settle_lease(&a.lease_id, 250).await.expect("settle"), Some(750));
     assert_eq!(store.settle_lease(&a.lease_id, 250).await.expect("again"), None);
     let w = store.wallet(&account.id).await.expect("wallet");

@@ -269,8 +269,8 @@ pub trait Store: Send + Sync {
     async fn all_provider_keys(&self) -> StoreResult<Vec<(String, String, SealedSecret)>>;
 
     /// Lease a slice of a wallet to an instance, with one atomic conditional update: nothing
-    /// if the balance is under `min`, else `min(balance, max(min, want))`. With `lease_id`, the
-    /// existing open lease grows (and its expiry moves); otherwise a new lease is opened.
+    /// if the balance is under `min`, else [`lease_grant`]. With `lease_id`, the existing open
+    /// lease grows (and its expiry moves); otherwise a new lease is opened.
     async fn lease(
         &self,
         account_id: &str,
@@ -350,6 +350,17 @@ pub(crate) fn crossed_share(before: i64, after: i64, budget: Option<i64>, percen
     let (budget, percent) = (budget?, percent?);
     let threshold = (budget as i128 * percent as i128 / 100) as i64;
     (before < threshold && after >= threshold).then_some((budget, percent))
+}
+
+/// How much of a wallet's unleased `balance` a lease takes: a quarter of it (so that several
+/// instances serving one account each get a share), at least `min` (what the request needs),
+/// at most `want` (the configured lease size), never more than the balance; nothing if the
+/// balance is under `min`.
+pub fn lease_grant(balance: i64, min: i64, want: i64) -> i64 {
+    if balance < min.max(1) {
+        return 0;
+    }
+    balance.min(min.max(want.min(balance / 4)))
 }
 
 /// Open the store a config names: `sqlite://PATH` (or a bare path) or `postgres://…`.

@@ -684,11 +684,12 @@ impl Store for PgStore {
                 if account.status != AccountStatus::Active {
                     return Err(StoreError::Invalid(format!("the account is {}", account.status.as_str())));
                 }
-                // The atomic conditional update: take min(balance, max(min, want)) only if the
+                // The atomic conditional update (the same rule as `lease_grant`): take
+                // min(balance, max(min, min(want, balance / 4))) only if the
                 // balance covers `min`; concurrent leases serialize on the wallet's row.
                 let row = tx
                     .query_opt(
-                        "UPDATE wallets w SET balance_nano_usd = w.balance_nano_usd - LEAST(o.old, GREATEST($2::BIGINT, $3::BIGINT)),
+                        "UPDATE wallets w SET balance_nano_usd = w.balance_nano_usd - LEAST(o.old, GREATEST($2::BIGINT, LEAST($3::BIGINT, o.old / 4))),
                                               updated_at = now()
                          FROM (SELECT balance_nano_usd AS old FROM wallets WHERE account_id = $1 FOR UPDATE) o
                          WHERE w.account_id = $1 AND o.old >= GREATEST($2::BIGINT, 1)

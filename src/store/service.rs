@@ -26,8 +26,8 @@ use tokio::sync::broadcast::error::RecvError;
 
 /// How often `last_used_at` of used keys is written (one batched UPDATE).
 const TOUCH_EVERY: Duration = Duration::from_secs(30);
-/// How often the spool is drained into the store.
-const DRAIN_EVERY: Duration = Duration::from_millis(200);
+/// How often the spool is flushed to disk and drained into the store.
+const DRAIN_EVERY: Duration = crate::usage::spool::FSYNC_EVERY;
 /// How often expired leases of other instances are looked for.
 const RECLAIM_EVERY: Duration = Duration::from_secs(30);
 /// How often old usage is purged.
@@ -138,6 +138,9 @@ impl BackgroundService for StoreService {
                     Err(RecvError::Closed) => break,
                 },
                 _ = drain.tick() => {
+                    if let Some(billing) = &self.billing {
+                        billing.spool.sync();
+                    }
                     if let Some(batcher) = batcher.as_mut() {
                         if let Err(e) = batcher.drain(store.as_ref()).await {
                             tracing::warn!("usage not yet written to the store (kept in the spool): {e}");
@@ -147,7 +150,6 @@ impl BackgroundService for StoreService {
                 }
                 _ = second.tick() => {
                     if let Some(billing) = &self.billing {
-                        billing.spool.sync();
                         if let Err(e) = billing.wallets.maintain().await {
                             METRICS.store_errors.with_label_values(&["lease"]).inc();
                             tracing::warn!("wallet lease upkeep failed: {e}");

@@ -8,6 +8,7 @@ use super::migrate::SQLITE;
 use super::*;
 use crate::usage::UsageRecord;
 use rusqlite::{params, Connection, OptionalExtension, Row};
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 pub struct SqliteStore {
@@ -601,7 +602,7 @@ impl Store for SqliteStore {
                 .optional()
                 .map_err(sql_error)?
                 .unwrap_or(0);
-            let grant = if balance < min.max(1) { 0 } else { balance.min(min.max(want)) };
+            let grant = lease_grant(balance, min, want);
             let now = now_ms();
             let expires = now + ttl_ms(ttl);
             let mut id = lease_id.unwrap_or_default();
@@ -738,10 +739,16 @@ impl Store for SqliteStore {
             let mut inserted = 0;
             let mut by_account: Vec<(String, i64)> = Vec::new();
             let mut by_key: Vec<(String, String, i64)> = Vec::new();
+            // Which leases of this batch were reclaimed: one look per distinct lease.
+            let mut reclaimed_leases: HashMap<String, bool> = HashMap::new();
+            let insert_sql = format!(
+                "INSERT OR IGNORE INTO usage_records ({USAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
+            );
             for r in &records {
                 let n = tx
+                    .prepare_cached(&insert_sql)
+                    .map_err(sql_error)?
                     .execute(
-                        &format!("INSERT OR IGNORE INTO usage_records ({USAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"),
                         params![
                             r.request_id, r.account_id, r.key_id, ms(r.created_at), r.route, r.requested_model,
                             r.routed_model, r.provider, r.task, r.status, r.input_tokens as i64, r.output_tokens as i64,
@@ -758,9 +765,20 @@ impl Store for SqliteStore {
                 // Usage of a lease reclaimed after its instance vanished was not in what the
                 // reclaim kept: bill it now, as far as the wallet covers it.
                 if let Some(lease) = &r.lease_id {
-                    let reclaimed: bool = tx
-                        .query_row("SELECT EXISTS (SELECT 1 FROM wallet_leases WHERE id = ?1 AND settled_by = 'reclaim')", [lease], |row| row.get(0))
-                        .map_err(sql_error)?;
+                    let reclaimed = match reclaimed_leases.get(lease) {
+                        Some(known) => *known,
+                        None => {
+                            let found: bool = tx
+                                .query_row(
+                                    "SELECT EXISTS (SELECT 1 FROM wallet_leases WHERE id = ?1 AND settled_by = 'reclaim')",
+                                    [lease],
+                                    |row| row.get(0),
+                                )
+                                .map_err(sql_error)?;
+                            reclaimed_leases.insert(lease.clone(), found);
+                            found
+                        }
+                    };
                     if reclaimed && billed > 0 {
                         let balance: i64 = tx
                             .query_row("SELECT balance_nano_usd FROM wallets WHERE account_id = ?1", [&r.account_id], |row| row.get(0))

@@ -170,8 +170,7 @@ pub async fn stream(
             .await
             .map_err(gone)?;
     }
-    loop {
-        let Some(last) = page.last() else { break };
+    while let Some(last) = page.last() {
         let after = Some((last.created_at, last.request_id.clone()));
         let chunk: String = page.iter().map(|r| line(r, format)).collect();
         session

@@ -124,23 +124,23 @@ impl UsageSpool {
         w.file.write_all(&line).map_err(io_err(&path))?;
         w.size += line.len() as u64;
         w.dirty = true;
-        if w.synced.elapsed() >= FSYNC_EVERY {
-            w.file.sync_data().map_err(io_err(&path))?;
-            w.synced = Instant::now();
-            w.dirty = false;
-        }
         self.appended.fetch_add(line.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Flush appended records to disk (called periodically and at shutdown).
+    /// Flush appended records to disk (every [`FSYNC_EVERY`] and at shutdown). The flush runs on
+    /// a second handle of the file, so appends never wait for the disk.
     pub fn sync(&self) {
-        if let Ok(mut w) = self.writer.lock() {
-            if w.dirty {
-                let _ = w.file.sync_data();
-                w.synced = Instant::now();
+        let handle = match self.writer.lock() {
+            Ok(mut w) if w.dirty => {
                 w.dirty = false;
+                w.synced = Instant::now();
+                w.file.try_clone().ok()
             }
+            _ => None,
+        };
+        if let Some(file) = handle {
+            let _ = file.sync_data();
         }
     }
 
@@ -251,18 +251,20 @@ impl SpoolReader {
     }
 
     /// Record that everything before `next` is in the store, and delete sealed segments that
-    /// are wholly committed.
+    /// are wholly committed. The position is replaced atomically (rename) but not flushed to
+    /// disk: after a power loss an older position only replays records the store skips.
     pub fn commit(&mut self, next: Position) -> Result<(), SpoolError> {
         let tmp = self.dir.join("committed.tmp");
         let path = self.dir.join("committed");
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-        writeln!(f, "{} {}", next.seq, next.offset).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
+        std::fs::write(&tmp, format!("{} {}\n", next.seq, next.offset)).map_err(io_err(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        let moved_segment = next.seq != self.position.seq;
         self.position = next;
-        for seq in segments(&self.dir).map_err(io_err(&self.dir))? {
-            if seq < next.seq {
-                let _ = std::fs::remove_file(self.dir.join(segment_name(seq)));
+        if moved_segment {
+            for seq in segments(&self.dir).map_err(io_err(&self.dir))? {
+                if seq < next.seq {
+                    let _ = std::fs::remove_file(self.dir.join(segment_name(seq)));
+                }
             }
         }
         Ok(())

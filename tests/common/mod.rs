@@ -113,7 +113,7 @@ impl GatewayProcess {
             ));
         }
         yaml.push_str(plugins);
-        yaml.push_str(extra);
+        yaml.push_str(&extra.replace("{DIR}", &dir.path().display().to_string()));
         let config_path = dir.path().join("komilion.yaml");
         std::fs::write(&config_path, yaml).expect("write config");
         let child = Command::new(BIN)
@@ -151,6 +151,44 @@ impl GatewayProcess {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("komilion did not become ready");
+    }
+}
+
+impl GatewayProcess {
+    /// SIGKILL: no shutdown work at all.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and wait for a graceful exit.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("komilion did not stop within 30 s of SIGTERM");
+    }
+
+    /// Start the same config again (after `kill` or `terminate`).
+    pub fn restart(&mut self) {
+        self.child = Command::new(BIN)
+            .args(["serve", "-c"])
+            .arg(&self.config_path)
+            .env("TEST_PROVIDER_KEY", PROVIDER_KEY)
+            .env("KOMILION_MASTER_KEY", TEST_MASTER_KEY)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn komilion");
+        self.wait_ready();
     }
 }
 
@@ -264,6 +302,53 @@ impl Admin {
         (status, resp.json().await.unwrap_or(serde_json::Value::Null))
     }
 
+    pub async fn wallet(&self, account: &str) -> serde_json::Value {
+        let (status, w) = self
+            .call(reqwest::Method::GET, &format!("/accounts/{account}/wallet"), None)
+            .await;
+        assert_eq!(status, 200, "{w}");
+        w
+    }
+
+    /// The account's usage records (admin export, JSON lines).
+    pub async fn usage(&self, account: &str) -> Vec<serde_json::Value> {
+        let resp = self
+            .client
+            .get(format!("{}/accounts/{account}/usage?format=jsonl", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("export");
+        assert_eq!(resp.status(), 200);
+        resp.text()
+            .await
+            .expect("body")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    }
+
+    /// Wait until `check` holds for the account's usage (the batcher writes every 200 ms).
+    pub async fn usage_until(
+        &self,
+        account: &str,
+        check: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let records = self.usage(account).await;
+            if check(&records) {
+                return records;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "usage never satisfied the check: {} records",
+                records.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// A new account with a key and a balance; returns (account id, key id, secret).
     pub async fn account_with_key(
         &self,
@@ -311,8 +396,14 @@ impl GatewayProcess {
         extra: &str,
     ) -> (GatewayProcess, Admin) {
         let admin_port = free_port();
+        // Each gateway spools usage in its own temp dir, unless the test names one.
+        let spool = if extra.contains("usage:") {
+            ""
+        } else {
+            "usage:\n  spool_dir: \"{DIR}/spool\"\n"
+        };
         let extra = format!(
-            "store: \"{store_url}\"\nadmin:\n  listen: \"127.0.0.1:{admin_port}\"\n  token: \"{ADMIN_TOKEN}\"\n{extra}"
+            "store: \"{store_url}\"\nadmin:\n  listen: \"127.0.0.1:{admin_port}\"\n  token: \"{ADMIN_TOKEN}\"\n{spool}{extra}"
         );
         let gw = GatewayProcess::start_with(providers, plugins, &extra);
         let admin = Admin {
