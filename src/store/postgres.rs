@@ -216,6 +216,24 @@ impl PgStore {
         let _ = self.events.send(event);
     }
 
+    /// Run one statement; the number of rows it touched.
+    async fn exec(
+        &self,
+        sql: &'static str,
+        params: Vec<Box<dyn tokio_postgres::types::ToSql + Send + Sync>>,
+    ) -> StoreResult<u64> {
+        self.with(move |c| {
+            Box::pin(async move {
+                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                    .iter()
+                    .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect();
+                c.execute(sql, &refs).await.map_err(pg_error)
+            })
+        })
+        .await
+    }
+
     /// Run `f` with a pooled connection, on the store's runtime, within the time bound.
     async fn with<T: Send + 'static>(
         &self,
@@ -499,19 +517,12 @@ impl Store for PgStore {
     }
 
     async fn touch_keys(&self, key_ids: &[String], at: DateTime<Utc>) -> StoreResult<()> {
-        let key_ids = key_ids.to_vec();
-        self.with(move |c| {
-            Box::pin(async move {
-                c.execute(
-                    "UPDATE api_keys SET last_used_at = GREATEST(COALESCE(last_used_at, $2), $2) WHERE id = ANY($1)",
-                    &[&key_ids, &at],
-                )
-                .await
-                .map_err(pg_error)?;
-                Ok(())
-            })
-        })
+        self.exec(
+            "UPDATE api_keys SET last_used_at = GREATEST(COALESCE(last_used_at, $2), $2) WHERE id = ANY($1)",
+            vec![Box::new(key_ids.to_vec()), Box::new(at)],
+        )
         .await
+        .map(drop)
     }
 
     async fn wallet(&self, account_id: &str) -> StoreResult<Wallet> {
@@ -741,19 +752,12 @@ impl Store for PgStore {
     }
 
     async fn extend_lease(&self, lease_id: &str, ttl: Duration) -> StoreResult<()> {
-        let lease_id = lease_id.to_owned();
-        self.with(move |c| {
-            Box::pin(async move {
-                c.execute(
-                    "UPDATE wallet_leases SET expires_at = now() + make_interval(secs => $2) WHERE id = $1 AND settled_at IS NULL",
-                    &[&lease_id, &secs(ttl)],
-                )
-                .await
-                .map_err(pg_error)?;
-                Ok(())
-            })
-        })
+        self.exec(
+            "UPDATE wallet_leases SET expires_at = now() + make_interval(secs => $2) WHERE id = $1 AND settled_at IS NULL",
+            vec![Box::new(lease_id.to_owned()), Box::new(secs(ttl))],
+        )
         .await
+        .map(drop)
     }
 
     async fn settle_lease(&self, lease_id: &str, spent: i64) -> StoreResult<Option<i64>> {
@@ -1010,13 +1014,10 @@ impl Store for PgStore {
     }
 
     async fn purge_usage(&self, before: DateTime<Utc>) -> StoreResult<u64> {
-        self.with(move |c| {
-            Box::pin(async move {
-                c.execute("DELETE FROM usage_records WHERE created_at < $1", &[&before])
-                    .await
-                    .map_err(pg_error)
-            })
-        })
+        self.exec(
+            "DELETE FROM usage_records WHERE created_at < $1",
+            vec![Box::new(before)],
+        )
         .await
     }
 
@@ -1072,30 +1073,18 @@ impl Store for PgStore {
     }
 
     async fn alert_delivered(&self, id: i64) -> StoreResult<()> {
-        self.with(move |c| {
-            Box::pin(async move {
-                c.execute("DELETE FROM alert_outbox WHERE id = $1", &[&id])
-                    .await
-                    .map_err(pg_error)?;
-                Ok(())
-            })
-        })
-        .await
+        self.exec("DELETE FROM alert_outbox WHERE id = $1", vec![Box::new(id)])
+            .await
+            .map(drop)
     }
 
     async fn alert_failed(&self, id: i64, delay: Duration) -> StoreResult<()> {
-        self.with(move |c| {
-            Box::pin(async move {
-                c.execute(
-                    "UPDATE alert_outbox SET attempts = attempts + 1, next_attempt_at = now() + make_interval(secs => $2) WHERE id = $1",
-                    &[&id, &secs(delay)],
-                )
-                .await
-                .map_err(pg_error)?;
-                Ok(())
-            })
-        })
+        self.exec(
+            "UPDATE alert_outbox SET attempts = attempts + 1, next_attempt_at = now() + make_interval(secs => $2) WHERE id = $1",
+            vec![Box::new(id), Box::new(secs(delay))],
+        )
         .await
+        .map(drop)
     }
 
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
