@@ -144,10 +144,7 @@ pub fn build_server(config: &Config, mut opt: Opt) -> Result<Server, BuildError>
             store: slot.clone(),
         }),
         catalog: config.catalog.clone(),
-        billing: billing.as_ref().map(|b| Billing {
-            wallets: b.wallets.clone(),
-            spool: b.spool.clone(),
-        }),
+        billing: billing.clone(),
         store: config.store.as_ref().map(|_| slot.clone()),
     };
 

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Wallets and the usage log, when the gateway has a store.
+#[derive(Clone)]
 pub struct Billing {
     pub wallets: Arc<WalletBook>,
     pub spool: Arc<UsageSpool>,
@@ -108,13 +109,11 @@ impl Gateway {
             }
             Err(WalletError::Unavailable(e)) => {
                 METRICS.wallet_rejections.with_label_values(&["unavailable"]).inc();
-                Err(ApiError::new(
-                    ErrorKind::Unavailable,
-                    format!("The wallet cannot be checked right now: {e}"),
+                Err(
+                    ApiError::store_unavailable(format!("The wallet cannot be checked right now: {e}"))
+                        .with_retry_after(1)
+                        .into(),
                 )
-                .with_code("store_unavailable")
-                .with_retry_after(1)
-                .into())
             }
         }
     }

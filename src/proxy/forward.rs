@@ -188,8 +188,7 @@ impl Gateway {
                         ctx.exchange.usage =
                             usage_from_body(&body).unwrap_or_else(|| estimate_whole(chat, &candidate.model, &body));
                     }
-                    // The record is in the spool before the client can see the answer end.
-                    self.finish_usage(ctx, status);
+                    // `send_body` spools the record before the client can see the answer end.
                     self.send_body(session, ctx, status, &content_type, body).await;
                 }
                 Answer::Stream(started) => self.relay_stream(session, ctx, upstream, chat, *started).await,

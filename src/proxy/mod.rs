@@ -229,8 +229,7 @@ impl Gateway {
     /// `GET /v1/usage`: the caller's key's own usage records, streamed.
     async fn own_usage(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), LocalResponse> {
         self.authorize(session, ctx).await?;
-        let unavailable =
-            || ApiError::new(ErrorKind::Unavailable, "The usage log is not available.").with_code("store_unavailable");
+        let unavailable = || ApiError::store_unavailable("The usage log is not available.");
         let store = self
             .store
             .as_ref()
@@ -251,9 +250,7 @@ impl Gateway {
             Ok(()) => Ok(()),
             Err(e) if session.response_written().is_none() => {
                 ctx.status = 0;
-                Err(ApiError::new(ErrorKind::Unavailable, e.to_string())
-                    .with_code("store_unavailable")
-                    .into())
+                Err(ApiError::store_unavailable(e.to_string()).into())
             }
             Err(_) => Ok(()),
         }

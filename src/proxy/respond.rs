@@ -49,7 +49,8 @@ impl Gateway {
         body: Bytes,
         extra: &[(&'static str, String)],
     ) {
-        // Refusals and errors settle the request (releasing its hold) before they go out.
+        // Every whole answer (upstream, refusal or error) settles the request and spools its
+        // usage record before any byte of it goes out.
         self.finish_usage(ctx, status);
         let Some(mut resp) = self.response_header(ctx, status, content_type) else {
             session.set_keepalive(None);

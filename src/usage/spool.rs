@@ -14,7 +14,7 @@ use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A segment is closed for writing past this size.
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
@@ -56,7 +56,6 @@ struct Segment {
     seq: u64,
     file: File,
     size: u64,
-    synced: Instant,
     dirty: bool,
 }
 
@@ -65,8 +64,6 @@ pub struct UsageSpool {
     writer: Mutex<Segment>,
     /// The segment being written (the reader must not treat its tail as torn).
     writing: AtomicU64,
-    /// Bytes appended since start (for the depth metric).
-    appended: AtomicU64,
 }
 
 impl UsageSpool {
@@ -79,7 +76,6 @@ impl UsageSpool {
             dir: dir.to_owned(),
             writing: AtomicU64::new(next),
             writer: Mutex::new(segment),
-            appended: AtomicU64::new(0),
         })
     }
 
@@ -94,7 +90,6 @@ impl UsageSpool {
             seq,
             file,
             size: 0,
-            synced: Instant::now(),
             dirty: false,
         })
     }
@@ -124,7 +119,6 @@ impl UsageSpool {
         w.file.write_all(&line).map_err(io_err(&path))?;
         w.size += line.len() as u64;
         w.dirty = true;
-        self.appended.fetch_add(line.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -134,7 +128,6 @@ impl UsageSpool {
         let handle = match self.writer.lock() {
             Ok(mut w) if w.dirty => {
                 w.dirty = false;
-                w.synced = Instant::now();
                 w.file.try_clone().ok()
             }
             _ => None,

@@ -263,12 +263,8 @@ impl Plugin for JwtAuth {
                     Ok(None) => return refuse("the token's account does not exist"),
                     Err(_) => {
                         return Flow::error(
-                            ApiError::new(
-                                ErrorKind::Unavailable,
-                                "Accounts cannot be checked right now; retry shortly.",
-                            )
-                            .with_code("store_unavailable")
-                            .with_retry_after(1),
+                            ApiError::store_unavailable("Accounts cannot be checked right now; retry shortly.")
+                                .with_retry_after(1),
                         )
                     }
                 }

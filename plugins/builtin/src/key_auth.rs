@@ -80,12 +80,7 @@ impl Plugin for KeyAuth {
             Ok(None) => return Flow::error(ApiError::invalid_api_key()),
             Err(_) => {
                 return Flow::error(
-                    ApiError::new(
-                        ErrorKind::Unavailable,
-                        "Keys cannot be checked right now; retry shortly.",
-                    )
-                    .with_code("store_unavailable")
-                    .with_retry_after(1),
+                    ApiError::store_unavailable("Keys cannot be checked right now; retry shortly.").with_retry_after(1),
                 )
             }
         };

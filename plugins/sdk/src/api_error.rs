@@ -172,6 +172,11 @@ impl ApiError {
         ApiError::new(ErrorKind::Authentication, "Incorrect API key provided.").with_code("invalid_api_key")
     }
 
+    /// The store (keys, accounts, wallets, usage) cannot answer; the client may retry.
+    pub fn store_unavailable(message: impl Into<String>) -> Self {
+        ApiError::new(ErrorKind::Unavailable, message).with_code("store_unavailable")
+    }
+
     pub fn model_not_found(model: &str) -> Self {
         ApiError::new(
             ErrorKind::NotFound,
