@@ -17,7 +17,7 @@
 //! the usage log shows spent and returns the rest.
 
 use crate::store::cache::StoreSlot;
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -120,6 +120,9 @@ pub struct WalletBook {
     instance_id: String,
     settings: WalletSettings,
     accounts: Mutex<HashMap<String, Arc<AccountBook>>>,
+    /// Leases taken out of the book whose return to the store failed; retried first next time
+    /// (settling a lease is idempotent).
+    unreturned: Mutex<Vec<(String, i64)>>,
 }
 
 impl WalletBook {
@@ -129,6 +132,7 @@ impl WalletBook {
             instance_id,
             settings,
             accounts: Mutex::new(HashMap::new()),
+            unreturned: Mutex::new(Vec::new()),
         }
     }
 
@@ -193,6 +197,13 @@ impl WalletBook {
             .lock()
             .map_err(|_| WalletError::Unavailable("wallet lock poisoned".into()))?;
         if grant.granted_nano_usd > 0 {
+            if s.lease_id.as_ref().is_some_and(|old| *old != grant.lease_id) {
+                // Our old lease was settled elsewhere (reclaimed after it expired), which
+                // already gave its rest back: count from the new lease alone, in-flight holds
+                // included, so the final settle reports only what this lease paid for.
+                s.granted = s.held;
+                s.spent = 0;
+            }
             s.lease_id = Some(grant.lease_id);
             s.granted += grant.granted_nano_usd;
             s.renewed = Some(Instant::now());
@@ -256,6 +267,11 @@ impl WalletBook {
             if only.is_some_and(|o| o != account_id) {
                 return true;
             }
+            // A request between `book()` and its hold (maybe awaiting a lease from the store)
+            // still has this book: dropping it now would strand whatever the store grants.
+            if Arc::strong_count(book) > 1 {
+                return true;
+            }
             let Ok(mut s) = book.state.lock() else { return true };
             let idle = s.last_used.is_none_or(|t| t.elapsed() >= self.settings.idle_return);
             if s.held > 0 || !(all || only.is_some() || idle) {
@@ -270,12 +286,33 @@ impl WalletBook {
         out
     }
 
+    /// Settle `leases` in the store, after any earlier returns that failed. What fails stays
+    /// queued for the next call, so a store hiccup never strands a lease until it expires.
+    async fn give_back(&self, store: &dyn Store, leases: Vec<(String, i64)>) -> Result<(), StoreError> {
+        let mut queue = std::mem::take(&mut *self.unreturned.lock().unwrap_or_else(|p| p.into_inner()));
+        queue.extend(leases);
+        let mut pending = queue.into_iter();
+        while let Some((lease_id, spent)) = pending.next() {
+            match store.settle_lease(&lease_id, spent).await {
+                Ok(_) => {}
+                // Gone from the store (erased with its account): nothing left to return.
+                Err(StoreError::NotFound(_)) => tracing::warn!(lease_id, "a lease to return no longer exists"),
+                Err(e) => {
+                    let mut unreturned = self.unreturned.lock().unwrap_or_else(|p| p.into_inner());
+                    unreturned.push((lease_id, spent));
+                    unreturned.extend(pending);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Return idle leases, renew busy ones. Called every second by the store service.
     pub async fn maintain(&self) -> Result<(), StoreError> {
         let Some(store) = self.store.get() else { return Ok(()) };
-        for (lease_id, spent) in self.take_returnable(false, None) {
-            store.settle_lease(&lease_id, spent).await?;
-        }
+        self.give_back(store.as_ref(), self.take_returnable(false, None))
+            .await?;
         let renew: Vec<String> = {
             let accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
             accounts
@@ -300,18 +337,15 @@ impl WalletBook {
     /// The account was disabled: give its money back now.
     pub async fn release_account(&self, account_id: &str) -> Result<(), StoreError> {
         let Some(store) = self.store.get() else { return Ok(()) };
-        for (lease_id, spent) in self.take_returnable(false, Some(account_id)) {
-            store.settle_lease(&lease_id, spent).await?;
-        }
+        self.give_back(store.as_ref(), self.take_returnable(false, Some(account_id)))
+            .await?;
         Ok(())
     }
 
     /// Shutdown: return every lease.
     pub async fn return_all(&self) -> Result<(), StoreError> {
         let Some(store) = self.store.get() else { return Ok(()) };
-        for (lease_id, spent) in self.take_returnable(true, None) {
-            store.settle_lease(&lease_id, spent).await?;
-        }
+        self.give_back(store.as_ref(), self.take_returnable(true, None)).await?;
         Ok(())
     }
 
@@ -369,6 +403,24 @@ mod tests {
         let w = store.wallet(&account).await.unwrap();
         assert_eq!(w.balance_nano_usd, 5_000 - 100, "60 + 40 spent, the rest returned");
         assert_eq!(w.leased_nano_usd, 0);
+    }
+
+    #[tokio::test]
+    async fn upkeep_keeps_a_book_that_a_request_is_still_using() {
+        let (_dir, store, book, account) = book_with("0.000005").await;
+        // A request has its book and is about to lease (the store call may take a while).
+        let in_flight = book.book(&account);
+        book.maintain().await.unwrap();
+        let h = book.hold(&account, 100).await.unwrap();
+        assert!(
+            Arc::ptr_eq(&in_flight, &book.book(&account)),
+            "a grant landing in a dropped book would be stranded"
+        );
+        drop(in_flight);
+        book.settle(&h, 100);
+        book.maintain().await.unwrap();
+        let w = store.wallet(&account).await.unwrap();
+        assert_eq!((w.balance_nano_usd, w.leased_nano_usd), (5_000 - 100, 0));
     }
 
     #[tokio::test]
