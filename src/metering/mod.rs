@@ -12,35 +12,61 @@ pub mod tokens;
 use crate::catalog::ModelPrice;
 use crate::money::{token_cost, NanoUsd};
 use komilion_sdk::Usage;
-use serde_json::Value;
 
-/// Usage from an OpenAI `usage` object (`prompt_tokens`, `completion_tokens`, and the cached
-/// and reasoning details when reported).
-pub fn usage_from_openai(usage: &Value) -> Option<Usage> {
-    let input = usage.get("prompt_tokens")?.as_u64()?;
-    let output = usage.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0);
-    Some(Usage {
-        input_tokens: input,
-        output_tokens: output,
-        cached_input_tokens: usage["prompt_tokens_details"]["cached_tokens"]
-            .as_u64()
-            .unwrap_or(0)
-            .min(input),
-        reasoning_tokens: usage["completion_tokens_details"]["reasoning_tokens"]
-            .as_u64()
-            .unwrap_or(0),
-        estimated: false,
-    })
+/// An OpenAI `usage` object, as the provider sends it (in a JSON answer and in a stream's usage
+/// chunk). Typed rather than a `serde_json::Value`: this runs on every answer, and a `Value`
+/// costs an allocation per key.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct OpenAiUsage {
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<CompletionDetails>,
 }
 
-/// Usage of a non-streamed OpenAI answer body.
+#[derive(Debug, Default, serde::Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct CompletionDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
+}
+
+impl From<OpenAiUsage> for Usage {
+    fn from(u: OpenAiUsage) -> Usage {
+        let input = u.prompt_tokens;
+        Usage {
+            input_tokens: input,
+            output_tokens: u.completion_tokens,
+            cached_input_tokens: u
+                .prompt_tokens_details
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(0)
+                .min(input),
+            reasoning_tokens: u
+                .completion_tokens_details
+                .and_then(|d| d.reasoning_tokens)
+                .unwrap_or(0),
+            estimated: false,
+        }
+    }
+}
+
+/// Usage of a non-streamed OpenAI answer body (every other member is skipped unparsed).
 pub fn usage_from_body(body: &[u8]) -> Option<Usage> {
     #[derive(serde::Deserialize)]
     struct Answer {
-        usage: Option<Value>,
+        usage: Option<OpenAiUsage>,
     }
     let answer: Answer = serde_json::from_slice(body).ok()?;
-    usage_from_openai(answer.usage.as_ref()?)
+    answer.usage.map(Usage::from)
 }
 
 /// What `usage` costs at `price`. Cached input tokens are billed at the cached price, the rest
@@ -59,9 +85,9 @@ mod tests {
 
     #[test]
     fn reads_openai_usage_with_details() {
-        let v: Value = serde_json::json!({"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120,
-            "prompt_tokens_details": {"cached_tokens": 60}, "completion_tokens_details": {"reasoning_tokens": 12}});
-        let u = usage_from_openai(&v).unwrap();
+        let body = br#"{"id":"x","choices":[{"message":{"content":"\"usage\": {}"}}],"usage":{"prompt_tokens":100,"completion_tokens":20,"total_tokens":120,
+            "prompt_tokens_details":{"cached_tokens":60,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":12}}}"#;
+        let u = usage_from_body(body).unwrap();
         assert_eq!(
             (
                 u.input_tokens,
@@ -73,6 +99,11 @@ mod tests {
         );
         assert!(!u.estimated);
         assert_eq!(usage_from_body(br#"{"id":"x","usage":null}"#), None);
+        assert_eq!(usage_from_body(br#"{"id":"x"}"#), None);
+        // Providers that send null details, or none.
+        let u = usage_from_body(br#"{"usage":{"prompt_tokens":5,"completion_tokens":1,"prompt_tokens_details":null}}"#)
+            .unwrap();
+        assert_eq!((u.input_tokens, u.output_tokens, u.cached_input_tokens), (5, 1, 0));
     }
 
     #[test]

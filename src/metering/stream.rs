@@ -7,7 +7,7 @@
 //! seen, so that a stream cut short can still be counted.
 
 use super::tokens::count_text;
-use super::usage_from_openai;
+use super::OpenAiUsage;
 use bytes::{Bytes, BytesMut};
 use komilion_sdk::Usage;
 use memchr::memmem;
@@ -36,12 +36,12 @@ impl StreamMeter {
     /// Look at one complete SSE event; returns what to send the client for it.
     pub fn inspect(&mut self, event: Bytes) -> Option<Bytes> {
         if memmem::find(&event, USAGE_OBJECT).is_some() {
-            if let Some(json) = data_json(&event) {
-                if let Some(usage) = json.get("usage").and_then(usage_from_openai) {
-                    self.usage = Some(usage);
+            if let Some(chunk) = usage_chunk(&event) {
+                if let Some(usage) = chunk.usage {
+                    self.usage = Some(usage.into());
                     self.delivered.clear();
                 }
-                let usage_only = json["choices"].as_array().is_some_and(|c| c.is_empty());
+                let usage_only = chunk.choices.is_some_and(|c| c.is_empty());
                 if self.strip && usage_only {
                     return None;
                 }
@@ -86,6 +86,18 @@ impl StreamMeter {
             count_text(model, &text)
         }
     }
+}
+
+/// What the meter needs of a chunk that carries usage.
+#[derive(serde::Deserialize)]
+struct UsageChunk {
+    usage: Option<OpenAiUsage>,
+    choices: Option<Vec<serde::de::IgnoredAny>>,
+}
+
+fn usage_chunk(event: &[u8]) -> Option<UsageChunk> {
+    let parsed = crate::sse::SseEvent::parse(event);
+    serde_json::from_str(&parsed.data).ok()
 }
 
 /// The JSON of an event's `data:` line(s), if it is JSON.

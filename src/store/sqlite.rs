@@ -768,10 +768,7 @@ impl Store for SqliteStore {
                     let reclaimed = match reclaimed_leases.get(lease) {
                         Some(known) => *known,
                         None => {
-                            let found: bool = tx
-                                .query_row(
-                                    "SELECT EXISTS (SELECT 1 FROM wallet_leases WHERE id = ?1 AND settled_by = 'reclaim')",
-                                    [lease],
+                            let found: bool = tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM wallet_leases WHERE id = ?1 AND settled_by = 'reclaim')").map_err(sql_error)?.query_row([lease],
                                     |row| row.get(0),
                                 )
                                 .map_err(sql_error)?;
@@ -780,8 +777,7 @@ impl Store for SqliteStore {
                         }
                     };
                     if reclaimed && billed > 0 {
-                        let balance: i64 = tx
-                            .query_row("SELECT balance_nano_usd FROM wallets WHERE account_id = ?1", [&r.account_id], |row| row.get(0))
+                        let balance: i64 = tx.prepare_cached("SELECT balance_nano_usd FROM wallets WHERE account_id = ?1").map_err(sql_error)?.query_row([&r.account_id], |row| row.get(0))
                             .optional()
                             .map_err(sql_error)?
                             .unwrap_or(0);
@@ -809,10 +805,7 @@ impl Store for SqliteStore {
             }
             let now = now_ms();
             for (account_id, delta) in by_account.into_iter().filter(|(_, d)| *d != 0) {
-                let row: Option<(i64, i64)> = tx
-                    .query_row(
-                        "UPDATE wallets SET spent_nano_usd = spent_nano_usd + ?2 WHERE account_id = ?1 RETURNING credited_nano_usd, spent_nano_usd",
-                        params![account_id, delta],
+                let row: Option<(i64, i64)> = tx.prepare_cached("UPDATE wallets SET spent_nano_usd = spent_nano_usd + ?2 WHERE account_id = ?1 RETURNING credited_nano_usd, spent_nano_usd").map_err(sql_error)?.query_row(params![account_id, delta],
                         |r| Ok((r.get(0)?, r.get(1)?)),
                     )
                     .optional()
@@ -829,10 +822,7 @@ impl Store for SqliteStore {
                 }
             }
             for (key_id, account_id, delta) in by_key.into_iter().filter(|(_, _, d)| *d != 0) {
-                let row: Option<(i64, Option<i64>)> = tx
-                    .query_row(
-                        "UPDATE api_keys SET spent_nano_usd = spent_nano_usd + ?2 WHERE id = ?1 RETURNING spent_nano_usd, budget_nano_usd",
-                        params![key_id, delta],
+                let row: Option<(i64, Option<i64>)> = tx.prepare_cached("UPDATE api_keys SET spent_nano_usd = spent_nano_usd + ?2 WHERE id = ?1 RETURNING spent_nano_usd, budget_nano_usd").map_err(sql_error)?.query_row(params![key_id, delta],
                         |r| Ok((r.get(0)?, r.get(1)?)),
                     )
                     .optional()

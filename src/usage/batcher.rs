@@ -51,13 +51,21 @@ impl UsageBatcher {
         Ok(n.max(1))
     }
 
-    /// Drain until nothing is pending or a write fails.
+    /// Drain what is pending, until a batch comes back short (the spool's end was reached) or a
+    /// write fails. Records appended meanwhile wait for the next call rather than going out in a
+    /// trickle of tiny batches: each batch is a transaction and a spool commit, so under load a
+    /// drain that chased the writer would spend more on batches than on records.
     pub async fn drain(&mut self, store: &dyn Store) -> Result<usize, BatchError> {
         let mut total = 0;
         loop {
             match self.drain_once(store).await? {
                 0 => return Ok(total),
-                n => total += n,
+                n => {
+                    total += n;
+                    if n < self.batch_size {
+                        return Ok(total);
+                    }
+                }
             }
         }
     }

@@ -19,6 +19,9 @@ pub struct UsageRecord {
     pub request_id: String,
     pub account_id: String,
     pub key_id: Option<String>,
+    /// Microseconds since the epoch in the spool (formatting and parsing RFC 3339 cost more
+    /// than the rest of the record); RFC 3339 text is still read, as older spools hold it.
+    #[serde(with = "spool_time")]
     pub created_at: DateTime<Utc>,
     pub route: String,
     pub requested_model: Option<String>,
@@ -66,3 +69,80 @@ pub const EXPORT_COLUMNS: [&str; 19] = [
     "ttfb_ms",
     "cache_hit",
 ];
+
+mod spool_time {
+    use chrono::{DateTime, Utc};
+    use serde::{de, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i64(t.timestamp_micros())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        d.deserialize_any(StoredTime)
+    }
+
+    struct StoredTime;
+
+    impl de::Visitor<'_> for StoredTime {
+        type Value = DateTime<Utc>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("microseconds since the epoch or an RFC 3339 time")
+        }
+
+        fn visit_i64<E: de::Error>(self, us: i64) -> Result<Self::Value, E> {
+            DateTime::from_timestamp_micros(us).ok_or_else(|| E::custom("timestamp out of range"))
+        }
+
+        fn visit_u64<E: de::Error>(self, us: u64) -> Result<Self::Value, E> {
+            self.visit_i64(i64::try_from(us).map_err(|_| E::custom("timestamp out of range"))?)
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            DateTime::parse_from_rfc3339(text)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(E::custom)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spool_times_are_micros_and_older_text_still_reads() {
+        let t = DateTime::parse_from_rfc3339("2026-11-28T20:00:00.123456Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let record = UsageRecord {
+            request_id: "r".into(),
+            account_id: "a".into(),
+            key_id: None,
+            created_at: t,
+            route: "chat_completions".into(),
+            requested_model: None,
+            routed_model: None,
+            provider: None,
+            task: None,
+            status: 200,
+            input_tokens: 1,
+            output_tokens: 2,
+            cached_tokens: 0,
+            reasoning_tokens: 0,
+            cost_nano_usd: 3,
+            unbilled_nano_usd: 0,
+            estimated: false,
+            latency_ms: 4,
+            ttfb_ms: None,
+            cache_hit: false,
+            lease_id: None,
+        };
+        let line = serde_json::to_string(&record).unwrap();
+        assert!(line.contains(r#""created_at":1795896000123456"#), "{line}");
+        assert_eq!(serde_json::from_str::<UsageRecord>(&line).unwrap(), record);
+        let older = line.replace("1795896000123456", r#""2026-11-28T20:00:00.123456Z""#);
+        assert_eq!(serde_json::from_str::<UsageRecord>(&older).unwrap(), record);
+    }
+}

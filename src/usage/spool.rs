@@ -100,7 +100,8 @@ impl UsageSpool {
 
     /// Append one record. Returns once the record is in the kernel's page cache.
     pub fn append(&self, record: &UsageRecord) -> Result<(), SpoolError> {
-        let mut line = serde_json::to_vec(record).map_err(|e| SpoolError::Io {
+        let mut line = Vec::with_capacity(640);
+        serde_json::to_writer(&mut line, record).map_err(|e| SpoolError::Io {
             path: self.dir.clone(),
             source: e.into(),
         })?;
@@ -115,8 +116,9 @@ impl UsageSpool {
             *w = Self::create(&self.dir, next)?;
             self.writing.store(next, Ordering::Release);
         }
-        let path = self.dir.join(segment_name(w.seq));
-        w.file.write_all(&line).map_err(io_err(&path))?;
+        if let Err(e) = w.file.write_all(&line) {
+            return Err(io_err(&self.dir.join(segment_name(w.seq)))(e));
+        }
         w.size += line.len() as u64;
         w.dirty = true;
         Ok(())
