@@ -13,7 +13,8 @@ use crate::metering::tokens::{count_chat_prompt, count_text};
 use crate::metering::usage_from_body;
 use crate::metrics::METRICS;
 use crate::upstream::Upstream;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
 use komilion_sdk::{
     ApiError, AttemptDecision, ChatRequest, ErrorKind, LocalResponse, RoutePlan, Surface, Timing, Usage,
 };
@@ -281,11 +282,11 @@ impl Gateway {
             let exchange = async {
                 // Pingora flushes the header on its own: cork the socket so header and body
                 // leave together and the provider is woken once, not twice.
-                cork(&http, true);
+                cork(http.stream(), true);
                 http.write_request_header(header).await?;
                 http.write_request_body(body.clone(), true).await?;
                 http.finish_request_body().await?;
-                cork(&http, false);
+                cork(http.stream(), false);
                 http.read_response_header().await
             };
             match pingora::time::timeout(ttfb, exchange).await {
@@ -331,35 +332,64 @@ impl Gateway {
         }
         ctx.status = 200;
         let model = ctx.exchange.routed_model.clone().unwrap_or_default();
+        // Pingora sends the header in a write of its own; corked until the first events are
+        // written, header and events leave as one segment.
+        let mut corked = true;
+        cork(session.stream(), true);
         if session.write_response_header(resp, false).await.is_err() {
+            cork(session.stream(), false);
             ctx.client_gone = true;
             self.finish_usage(ctx, 200);
             return;
         }
         // The gateway asked for the usage chunk; the client gets it only if it asked too.
         let mut relay = StreamRelay::new(!chat.include_usage);
+        // Events that arrived together leave together: a provider sends each event as its own
+        // HTTP chunk, and writing them one by one would cost the client a wake-up per event.
+        let mut outbox = Outbox::default();
         let mut piece = Some(first);
         loop {
             if let Some(chunk) = piece.take() {
                 if let Some(out) = relay.feed(&chunk, &self.chain, &mut ctx.exchange) {
-                    if session.write_response_body(Some(out), false).await.is_err() {
-                        // The client left: dropping the upstream connection stops the generation;
-                        // what was delivered is billed.
+                    outbox.push(out);
+                }
+            }
+            // A piece already here is taken without waiting (Pingora's body read is cancel-safe:
+            // a poll that finds nothing consumes nothing).
+            let ready = if outbox.len() < OUTBOX_MAX {
+                read_piece(&mut http, upstream.config.idle_timeout, &mut ctx.exchange.timing).now_or_never()
+            } else {
+                None
+            };
+            let next = match ready {
+                Some(ready) => ready,
+                None => {
+                    let written = match outbox.take() {
+                        Some(out) => session.write_response_body(Some(out), false).await,
+                        None => Ok(()),
+                    };
+                    // Nothing more is at hand: whatever is written goes out now.
+                    if std::mem::take(&mut corked) {
+                        cork(session.stream(), false);
+                    }
+                    if written.is_err() {
+                        // The client left: dropping the upstream connection stops the
+                        // generation; what was delivered is billed.
                         ctx.client_gone = true;
                         ctx.exchange.usage = stream_usage(&relay, chat, &model);
                         self.finish_usage(ctx, 200);
                         return;
                     }
+                    read_piece(&mut http, upstream.config.idle_timeout, &mut ctx.exchange.timing).await
                 }
-            }
-            match read_piece(&mut http, upstream.config.idle_timeout, &mut ctx.exchange.timing).await {
+            };
+            match next {
                 Ok(Some(chunk)) => piece = Some(chunk),
                 Ok(None) => {
-                    let rest = relay.finish();
+                    outbox.push(relay.finish());
                     ctx.exchange.usage = stream_usage(&relay, chat, &model);
                     self.finish_usage(ctx, 200);
-                    let done = if rest.is_empty() { None } else { Some(rest) };
-                    if session.write_response_body(done, true).await.is_err() {
+                    if end_client_stream(session, outbox.take()).await.is_err() {
                         ctx.client_gone = true;
                     }
                     self.release(http, &peer).await;
@@ -373,13 +403,70 @@ impl Gateway {
                     tracing::warn!(provider = upstream.name(), request_id = %ctx.exchange.request_id, "stream ended early: {e:?}");
                     ctx.exchange.usage = stream_usage(&relay, chat, &model);
                     self.finish_usage(ctx, 200);
-                    let event = stream_error_event(&e.to_api_error(upstream.name()), ctx.exchange.surface);
-                    if session.write_response_body(Some(event), true).await.is_err() {
+                    outbox.push(stream_error_event(
+                        &e.to_api_error(upstream.name()),
+                        ctx.exchange.surface,
+                    ));
+                    if end_client_stream(session, outbox.take()).await.is_err() {
                         ctx.client_gone = true;
                     }
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Write the stream's last bytes and end it: corked, so the data and the chunked terminator
+/// (and a header not yet sent) leave as one segment.
+async fn end_client_stream(session: &mut Session, last: Option<Bytes>) -> pingora::Result<()> {
+    cork(session.stream(), true);
+    let written = session.write_response_body(last, true).await;
+    cork(session.stream(), false);
+    written
+}
+
+/// Relayed bytes gathered before one write to the client: at most this much.
+const OUTBOX_MAX: usize = 64 * 1024;
+
+/// What the relay will write to the client next, as one piece.
+#[derive(Default)]
+struct Outbox {
+    first: Option<Bytes>,
+    more: Option<BytesMut>,
+}
+
+impl Outbox {
+    fn push(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        match (&mut self.first, &mut self.more) {
+            (None, _) => self.first = Some(bytes),
+            (Some(_), Some(more)) => more.extend_from_slice(&bytes),
+            (Some(first), more @ None) => {
+                // A second piece: only now is copying worth it.
+                let mut joined = BytesMut::with_capacity(first.len() + bytes.len() * 4);
+                joined.extend_from_slice(first);
+                joined.extend_from_slice(&bytes);
+                *more = Some(joined);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match (&self.first, &self.more) {
+            (_, Some(more)) => more.len(),
+            (Some(first), None) => first.len(),
+            (None, None) => 0,
+        }
+    }
+
+    fn take(&mut self) -> Option<Bytes> {
+        let first = self.first.take();
+        match self.more.take() {
+            Some(more) => Some(more.freeze()),
+            None => first,
         }
     }
 }
@@ -416,18 +503,18 @@ fn estimate_whole(chat: &ChatRequest, model: &str, body: &[u8]) -> Usage {
     }
 }
 
-/// Set or clear `TCP_CORK` on an upstream connection (Linux; a no-op elsewhere).
-fn cork(http: &HttpSession, on: bool) {
+/// Set or clear `TCP_CORK` on a connection (Linux; a no-op elsewhere or without a TCP stream).
+fn cork(stream: Option<&pingora::protocols::Stream>, on: bool) {
     #[cfg(target_os = "linux")]
-    if let Some(stream) = http.stream() {
+    if let Some(stream) = stream {
         let fd = stream.id();
-        // SAFETY: `fd` is the socket owned by `http`, which outlives this borrow; setsockopt
+        // SAFETY: `fd` is the socket owned by `stream`, which outlives this borrow; setsockopt
         // neither closes nor keeps it.
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
         let _ = socket2::SockRef::from(&fd).set_tcp_cork(on);
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = (http, on);
+    let _ = (stream, on);
 }
 
 /// Read the next piece of the upstream body within the idle timeout.
@@ -478,4 +565,26 @@ fn stream_error_event(error: &ApiError, surface: Surface) -> Bytes {
         }
     }
     Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_outbox_joins_pieces_in_order_and_copies_only_when_there_are_several() {
+        let mut outbox = Outbox::default();
+        assert_eq!(outbox.take(), None);
+        let one = Bytes::from_static(b"data: 1\n\n");
+        outbox.push(one.clone());
+        outbox.push(Bytes::new());
+        let taken = outbox.take().unwrap();
+        assert_eq!(taken.as_ptr(), one.as_ptr(), "a single piece goes out as it came");
+        for piece in ["data: 1\n\n", "data: 2\n\n", "data: [DONE]\n\n"] {
+            outbox.push(Bytes::from(piece));
+        }
+        assert_eq!(outbox.len(), 32);
+        assert_eq!(&outbox.take().unwrap()[..], b"data: 1\n\ndata: 2\n\ndata: [DONE]\n\n");
+        assert_eq!(outbox.take(), None, "taking empties it");
+    }
 }
