@@ -36,7 +36,7 @@ impl StreamMeter {
     /// Look at one complete SSE event; returns what to send the client for it.
     pub fn inspect(&mut self, event: Bytes) -> Option<Bytes> {
         if memmem::find(&event, USAGE_OBJECT).is_some() {
-            if let Some(chunk) = usage_chunk(&event) {
+            if let Some(chunk) = data_json::<UsageChunk>(&event) {
                 if let Some(usage) = chunk.usage {
                     self.usage = Some(usage.into());
                     self.delivered.clear();
@@ -61,7 +61,9 @@ impl StreamMeter {
     pub fn estimate_output(&self, model: &str) -> u64 {
         let mut text = String::new();
         for event in &self.delivered {
-            let Some(json) = data_json(event) else { continue };
+            let Some(json) = data_json::<serde_json::Value>(event) else {
+                continue;
+            };
             for choice in json["choices"].as_array().into_iter().flatten() {
                 let delta = &choice["delta"];
                 if let Some(t) = delta["content"].as_str() {
@@ -95,13 +97,8 @@ struct UsageChunk {
     choices: Option<Vec<serde::de::IgnoredAny>>,
 }
 
-fn usage_chunk(event: &[u8]) -> Option<UsageChunk> {
-    let parsed = crate::sse::SseEvent::parse(event);
-    serde_json::from_str(&parsed.data).ok()
-}
-
-/// The JSON of an event's `data:` line(s), if it is JSON.
-fn data_json(event: &[u8]) -> Option<serde_json::Value> {
+/// The JSON of an event's `data:` line(s), read as `T`, if it is that.
+fn data_json<T: serde::de::DeserializeOwned>(event: &[u8]) -> Option<T> {
     let parsed = crate::sse::SseEvent::parse(event);
     serde_json::from_str(&parsed.data).ok()
 }
