@@ -153,6 +153,16 @@ fn ttl_ms(ttl: Duration) -> i64 {
     ttl.as_millis().min(i64::MAX as u128) as i64
 }
 
+// Statements `insert_usage` runs once per batch or per distinct lease, account and key: cached
+// (prepared once per connection) like its insert.
+const LEASE_WAS_RECLAIMED: &str =
+    "SELECT EXISTS (SELECT 1 FROM wallet_leases WHERE id = ?1 AND settled_by = 'reclaim')";
+const WALLET_BALANCE: &str = "SELECT balance_nano_usd FROM wallets WHERE account_id = ?1";
+const ADD_WALLET_SPENT: &str = "UPDATE wallets SET spent_nano_usd = spent_nano_usd + ?2 WHERE account_id = ?1 \
+                                RETURNING credited_nano_usd, spent_nano_usd";
+const ADD_KEY_SPENT: &str = "UPDATE api_keys SET spent_nano_usd = spent_nano_usd + ?2 WHERE id = ?1 \
+                             RETURNING spent_nano_usd, budget_nano_usd";
+
 impl SqliteStore {
     /// Open (creating if needed) the database file and apply pending migrations.
     pub async fn open(path: &str) -> StoreResult<SqliteStore> {
@@ -768,16 +778,20 @@ impl Store for SqliteStore {
                     let reclaimed = match reclaimed_leases.get(lease) {
                         Some(known) => *known,
                         None => {
-                            let found: bool = tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM wallet_leases WHERE id = ?1 AND settled_by = 'reclaim')").map_err(sql_error)?.query_row([lease],
-                                    |row| row.get(0),
-                                )
+                            let found: bool = tx
+                                .prepare_cached(LEASE_WAS_RECLAIMED)
+                                .map_err(sql_error)?
+                                .query_row([lease], |row| row.get(0))
                                 .map_err(sql_error)?;
                             reclaimed_leases.insert(lease.clone(), found);
                             found
                         }
                     };
                     if reclaimed && billed > 0 {
-                        let balance: i64 = tx.prepare_cached("SELECT balance_nano_usd FROM wallets WHERE account_id = ?1").map_err(sql_error)?.query_row([&r.account_id], |row| row.get(0))
+                        let balance: i64 = tx
+                            .prepare_cached(WALLET_BALANCE)
+                            .map_err(sql_error)?
+                            .query_row([&r.account_id], |row| row.get(0))
                             .optional()
                             .map_err(sql_error)?
                             .unwrap_or(0);
@@ -805,9 +819,10 @@ impl Store for SqliteStore {
             }
             let now = now_ms();
             for (account_id, delta) in by_account.into_iter().filter(|(_, d)| *d != 0) {
-                let row: Option<(i64, i64)> = tx.prepare_cached("UPDATE wallets SET spent_nano_usd = spent_nano_usd + ?2 WHERE account_id = ?1 RETURNING credited_nano_usd, spent_nano_usd").map_err(sql_error)?.query_row(params![account_id, delta],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
+                let row: Option<(i64, i64)> = tx
+                    .prepare_cached(ADD_WALLET_SPENT)
+                    .map_err(sql_error)?
+                    .query_row(params![account_id, delta], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()
                     .map_err(sql_error)?;
                 if let Some((credited, spent)) = row {
@@ -822,9 +837,10 @@ impl Store for SqliteStore {
                 }
             }
             for (key_id, account_id, delta) in by_key.into_iter().filter(|(_, _, d)| *d != 0) {
-                let row: Option<(i64, Option<i64>)> = tx.prepare_cached("UPDATE api_keys SET spent_nano_usd = spent_nano_usd + ?2 WHERE id = ?1 RETURNING spent_nano_usd, budget_nano_usd").map_err(sql_error)?.query_row(params![key_id, delta],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
+                let row: Option<(i64, Option<i64>)> = tx
+                    .prepare_cached(ADD_KEY_SPENT)
+                    .map_err(sql_error)?
+                    .query_row(params![key_id, delta], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()
                     .map_err(sql_error)?;
                 if let Some((spent, budget)) = row {
