@@ -338,15 +338,13 @@ impl WalletBook {
     pub async fn release_account(&self, account_id: &str) -> Result<(), StoreError> {
         let Some(store) = self.store.get() else { return Ok(()) };
         self.give_back(store.as_ref(), self.take_returnable(false, Some(account_id)))
-            .await?;
-        Ok(())
+            .await
     }
 
     /// Shutdown: return every lease.
     pub async fn return_all(&self) -> Result<(), StoreError> {
         let Some(store) = self.store.get() else { return Ok(()) };
-        self.give_back(store.as_ref(), self.take_returnable(true, None)).await?;
-        Ok(())
+        self.give_back(store.as_ref(), self.take_returnable(true, None)).await
     }
 
     /// Leases this instance holds (for the metric).
