@@ -65,14 +65,7 @@ async fn admin_api_contract(store_url: &str) {
     assert!(!keys.to_string().contains(&secret[10..]), "the secret is never listed");
 
     // Prepaid: the account needs money before it can call.
-    let (status, _) = admin
-        .call(
-            Method::POST,
-            &format!("/accounts/{id}/wallet/topup"),
-            Some(json!({"amount_usd": "1"})),
-        )
-        .await;
-    assert_eq!(status, 200);
+    admin.topup(&id, "1").await;
     let (status, _, headers) = chat(&gw, &secret, "gpt-4o-mini").await;
     assert_eq!(status, 200);
     assert_eq!(headers["x-komilion-provider"], "sim");
@@ -94,18 +87,8 @@ async fn admin_api_contract(store_url: &str) {
     let (status, wallet) = admin.call(Method::GET, &format!("/accounts/{wid}/wallet"), None).await;
     assert_eq!((status, wallet["balance_usd"].as_str()), (200, Some("0")));
     let topup = |amount: &str| json!({"amount_usd": amount});
-    let (status, wallet) = admin
-        .call(
-            Method::POST,
-            &format!("/accounts/{wid}/wallet/topup"),
-            Some(topup("12.50")),
-        )
-        .await;
-    assert_eq!(
-        (status, wallet["balance_usd"].as_str()),
-        (200, Some("12.5")),
-        "{wallet}"
-    );
+    let wallet = admin.topup(&wid, "12.50").await;
+    assert_eq!(wallet["balance_usd"].as_str(), Some("12.5"), "{wallet}");
     assert_eq!(wallet["balance_nano_usd"], 12_500_000_000i64);
     let (status, _) = admin
         .call(

@@ -224,14 +224,7 @@ async fn an_empty_wallet_gets_402_and_a_top_up_takes_effect_within_a_second() {
     assert_eq!(body["error"]["type"], "insufficient_quota");
     assert_eq!(mock.request_count(), 0, "nothing was forwarded");
 
-    let (status, _) = admin
-        .call(
-            Method::POST,
-            &format!("/accounts/{account}/wallet/topup"),
-            Some(json!({"amount_usd": "0.50"})),
-        )
-        .await;
-    assert_eq!(status, 200);
+    admin.topup(&account, "0.50").await;
     let topped_up = Instant::now();
     loop {
         let (status, _, _) = chat(&gw, &secret, "gpt-4o-mini").await;
@@ -283,14 +276,7 @@ async fn a_wallet_never_goes_below_zero_and_costs_equal_debits() {
     };
     let credit = per_request * 100;
     let credit_usd = komilion::money::Usd(credit).to_string();
-    let (status, _) = admin
-        .call(
-            Method::POST,
-            &format!("/accounts/{account}/wallet/topup"),
-            Some(json!({"amount_usd": credit_usd})),
-        )
-        .await;
-    assert_eq!(status, 200);
+    admin.topup(&account, &credit_usd).await;
 
     let client = http();
     let tasks: Vec<_> = (0..500)

@@ -310,6 +310,19 @@ impl Admin {
         w
     }
 
+    /// Credit the account's wallet; returns the wallet after the top-up.
+    pub async fn topup(&self, account: &str, amount_usd: &str) -> serde_json::Value {
+        let (status, w) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/accounts/{account}/wallet/topup"),
+                Some(serde_json::json!({"amount_usd": amount_usd})),
+            )
+            .await;
+        assert_eq!(status, 200, "{w}");
+        w
+    }
+
     /// The account's usage records (admin export, JSON lines).
     pub async fn usage(&self, account: &str) -> Vec<serde_json::Value> {
         let resp = self
