@@ -201,7 +201,7 @@ fn metering(c: &mut Criterion) {
     group.finish();
 
     let dir = tempfile::tempdir().unwrap();
-    let spool = UsageSpool::open(dir.path()).unwrap();
+    let spool = UsageSpool::open(dir.path(), komilion::usage::spool::SpoolMode::Exclusive).unwrap();
     let small = with_usage(10);
     let price = komilion::catalog::ModelPrice {
         input: 150_000_000,
@@ -237,6 +237,7 @@ fn metering(c: &mut Criterion) {
                 ttfb_ms: Some(40),
                 cache_hit: false,
                 lease_id: Some("lease_0123456789abcdef01234567".into()),
+                end_user: None,
             };
             spool.append(&record).unwrap();
         })

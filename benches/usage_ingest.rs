@@ -32,6 +32,7 @@ fn record(i: usize, account: &str) -> UsageRecord {
         ttfb_ms: Some(300),
         cache_hit: false,
         lease_id: None,
+        end_user: None,
     }
 }
 

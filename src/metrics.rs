@@ -44,6 +44,13 @@ pub struct Metrics {
     pub spool_age: prometheus::Gauge,
     /// Usage records written to the store.
     pub usage_written: IntCounter,
+    /// Usage records the store refused for their content, moved to the dead-letter file.
+    pub usage_dead_letters: IntCounter,
+    /// 1 while the spool accepts records, 0 while it cannot (disk full, read-only): paid
+    /// requests are then refused with 503 before they are forwarded.
+    pub spool_writable: IntGauge,
+    /// Records that could not be appended, held in memory until the spool recovers.
+    pub spool_pending: IntGauge,
     /// Failed store writes by operation (`usage`, `lease`, `alert`).
     pub store_errors: IntCounterVec,
     /// Wallet leases this instance holds.
@@ -151,6 +158,21 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Usage records written to the store."
         )
         .expect("register komilion_usage_records_written_total"),
+        usage_dead_letters: register_int_counter!(
+            "komilion_usage_dead_letters_total",
+            "Usage records the store refused for their content, moved to the spool's dead-letter file."
+        )
+        .expect("register komilion_usage_dead_letters_total"),
+        spool_writable: register_int_gauge!(
+            "komilion_usage_spool_writable",
+            "1 while the usage spool accepts records; 0 while paid requests are refused for it."
+        )
+        .expect("register komilion_usage_spool_writable"),
+        spool_pending: register_int_gauge!(
+            "komilion_usage_spool_pending_records",
+            "Usage records held in memory until the spool can be appended again."
+        )
+        .expect("register komilion_usage_spool_pending_records"),
         store_errors: register_int_counter_vec!(
             "komilion_store_write_errors_total",
             "Failed store writes by operation.",

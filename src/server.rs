@@ -11,7 +11,7 @@ use crate::secrets::MasterKeys;
 use crate::store::cache::{StoreCache, StoreSlot};
 use crate::store::service::{BillingWork, StoreService};
 use crate::upstream::{DnsRefresher, Upstreams};
-use crate::usage::spool::UsageSpool;
+use crate::usage::spool::{SpoolMode, UsageSpool};
 use crate::wallet::WalletBook;
 use komilion_sdk::{ConfigIssue, PluginRegistry, PluginServices};
 use pingora::apps::http_app::HttpServer;
@@ -124,7 +124,13 @@ pub fn build_server(config: &Config, mut opt: Opt) -> Result<Server, BuildError>
     )?;
     let billing = match &config.store {
         Some(_) => {
-            let spool = Arc::new(UsageSpool::open(std::path::Path::new(&config.usage.spool_dir))?);
+            // A graceful upgrade's new process shares the spool with the old one until it exits.
+            let mode = if opt.upgrade {
+                SpoolMode::Successor
+            } else {
+                SpoolMode::Exclusive
+            };
+            let spool = Arc::new(UsageSpool::open(std::path::Path::new(&config.usage.spool_dir), mode)?);
             let instance_id = crate::store::new_id("inst");
             let wallets = Arc::new(WalletBook::new(slot.clone(), instance_id, config.wallets.clone()));
             Some(Billing { wallets, spool })
@@ -178,6 +184,7 @@ pub fn build_server(config: &Config, mut opt: Opt) -> Result<Server, BuildError>
         });
         let service = StoreService {
             url: url.clone(),
+            grace: Duration::from_secs(config.server.grace_period_seconds),
             cache,
             billing,
             alerts: config.alerts.clone(),

@@ -61,7 +61,7 @@ impl From<StoreError> for OpError {
         match e {
             StoreError::NotFound(what) => OpError::NotFound(format!("{what} not found")),
             StoreError::Conflict(m) => OpError::Conflict(m),
-            StoreError::Invalid(m) => OpError::BadRequest(m),
+            StoreError::Invalid(m) | StoreError::Rejected(m) => OpError::BadRequest(m),
             StoreError::Unavailable(m) => OpError::Unavailable(format!("the store is unavailable: {m}")),
             StoreError::Internal(m) => OpError::Internal(m),
         }

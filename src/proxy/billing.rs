@@ -182,7 +182,9 @@ impl Gateway {
             ttfb_ms: ex.timing.upstream_first_byte.map(|d| d.as_millis() as u64),
             cache_hit: ex.cache_hit,
             lease_id: settlement.lease_id,
-        };
+            end_user: ex.end_user.clone(),
+        }
+        .bounded();
         if let Err(e) = billing.spool.append(&record) {
             METRICS.spool_errors.inc();
             tracing::error!(request_id = %record.request_id, "cannot append the usage record: {e}");

@@ -209,6 +209,7 @@ impl Gateway {
         };
         let mut chat = ChatRequest::parse(raw).map_err(ApiError::from)?;
         ctx.exchange.requested_model = Some(chat.model.clone());
+        ctx.exchange.end_user = chat.user.clone();
         ctx.exchange.stream = chat.stream;
         if let Err(stop) = self.chain.on_body(&view, &mut chat, &mut ctx.exchange).await {
             ctx.answered_by = Some(stop.plugin);

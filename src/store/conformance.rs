@@ -267,6 +267,7 @@ fn usage(
         ttfb_ms: Some(4),
         cache_hit: false,
         lease_id: lease.map(str::to_owned),
+        end_user: None,
     }
 }
 

@@ -19,6 +19,11 @@ pub const POSTGRES: &[Migration] = &[
         name: "usage_leases_alerts",
         sql: include_str!("../../migrations/postgres/0002_usage_leases_alerts.sql"),
     },
+    Migration {
+        version: 3,
+        name: "record_bounds_end_user_unmatched_payments",
+        sql: include_str!("../../migrations/postgres/0003_record_bounds_end_user_unmatched_payments.sql"),
+    },
 ];
 
 pub const SQLITE: &[Migration] = &[
@@ -31,5 +36,10 @@ pub const SQLITE: &[Migration] = &[
         version: 2,
         name: "usage_leases_alerts",
         sql: include_str!("../../migrations/sqlite/0002_usage_leases_alerts.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "record_bounds_end_user_unmatched_payments",
+        sql: include_str!("../../migrations/sqlite/0003_record_bounds_end_user_unmatched_payments.sql"),
     },
 ];

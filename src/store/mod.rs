@@ -22,6 +22,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
 
+/// How many migrations the PostgreSQL store has (for tests that check they all ran once).
+pub const MIGRATIONS_POSTGRES: usize = migrate::POSTGRES.len();
+
 /// How long a store operation may take before it counts as unavailable.
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -35,6 +38,10 @@ pub enum StoreError {
     Invalid(String),
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
+    /// The store refused what it was given (a value out of its bounds, a byte its text type
+    /// cannot hold): retrying the same data fails the same way.
+    #[error("the store refused the data: {0}")]
+    Rejected(String),
     #[error("store error: {0}")]
     Internal(String),
 }
@@ -292,7 +299,8 @@ pub trait Store: Send + Sync {
 
     /// Insert usage records; a request id already present is skipped. Updates lifetime spend
     /// of wallets and keys and writes an alert for each threshold crossed, in the same
-    /// transaction. Returns how many records were new.
+    /// transaction. Returns how many records were new. A batch holding a record the store
+    /// refuses for its content fails whole with [`StoreError::Rejected`] (nothing written).
     async fn insert_usage(&self, records: &[crate::usage::UsageRecord], rules: &AlertRules) -> StoreResult<u64>;
     /// Usage records by time, `limit` of them after `(created_at, request_id)`.
     async fn usage_page(
@@ -316,6 +324,15 @@ pub trait Store: Send + Sync {
 
     /// Changes announced by any instance sharing this store (including this one).
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;
+}
+
+/// In a usage insert, a constraint that fails (the bounds on a record's text; request ids
+/// already present are skipped, never a conflict) means the store refuses a record's content.
+pub(crate) fn usage_refused(e: StoreError) -> StoreError {
+    match e {
+        StoreError::Conflict(m) => StoreError::Rejected(m),
+        other => other,
+    }
 }
 
 /// The JSON an alert webhook receives when a wallet falls below its threshold.

@@ -44,6 +44,11 @@ fn pg_error(e: tokio_postgres::Error) -> StoreError {
         {
             return StoreError::Conflict(db.message().to_owned());
         }
+        // Class 22, data exception: a value the column cannot hold (a NUL in text, a number out
+        // of range). The same data fails the same way every time.
+        if code.code().starts_with("22") {
+            return StoreError::Rejected(db.message().to_owned());
+        }
         return StoreError::Internal(db.to_string());
     }
     // Not an error from the server: the connection is broken or was never made.
@@ -62,7 +67,7 @@ const KEY_COLUMNS: &str = "k.id, k.account_id, k.name, k.prefix, k.created_at, k
      k.revoked_at, k.allowed_models, k.rpm_limit, k.tpm_limit, k.budget_nano_usd, k.spent_nano_usd";
 const USAGE_COLUMNS: &str = "request_id, account_id, key_id, created_at, route, requested_model, routed_model, \
      provider, task, status, input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_nano_usd, \
-     unbilled_nano_usd, estimated, latency_ms, ttfb_ms, cache_hit, lease_id";
+     unbilled_nano_usd, estimated, latency_ms, ttfb_ms, cache_hit, lease_id, end_user";
 
 fn account_from(row: &Row) -> StoreResult<Account> {
     Ok(Account {
@@ -115,6 +120,7 @@ fn usage_from(row: &Row) -> UsageRecord {
         ttfb_ms: row.get::<_, Option<i64>>(18).map(|v| v as u64),
         cache_hit: row.get(19),
         lease_id: row.get(20),
+        end_user: row.get(21),
     }
 }
 
@@ -866,17 +872,17 @@ impl Store for PgStore {
                 let types = [
                     Type::TEXT, Type::TEXT, Type::TEXT, Type::TIMESTAMPTZ, Type::TEXT, Type::TEXT, Type::TEXT,
                     Type::TEXT, Type::TEXT, Type::INT4, Type::INT8, Type::INT8, Type::INT8, Type::INT8, Type::INT8,
-                    Type::INT8, Type::BOOL, Type::INT8, Type::INT8, Type::BOOL, Type::TEXT,
+                    Type::INT8, Type::BOOL, Type::INT8, Type::INT8, Type::BOOL, Type::TEXT, Type::TEXT,
                 ];
                 let writer = BinaryCopyInWriter::new(sink, &types);
                 futures::pin_mut!(writer);
                 for r in &records {
-                    let row: [&(dyn tokio_postgres::types::ToSql + Sync); 21] = [
+                    let row: [&(dyn tokio_postgres::types::ToSql + Sync); 22] = [
                         &r.request_id, &r.account_id, &r.key_id, &r.created_at, &r.route, &r.requested_model,
                         &r.routed_model, &r.provider, &r.task, &(r.status as i32), &(r.input_tokens as i64),
                         &(r.output_tokens as i64), &(r.cached_tokens as i64), &(r.reasoning_tokens as i64),
                         &r.cost_nano_usd, &r.unbilled_nano_usd, &r.estimated, &(r.latency_ms as i64),
-                        &r.ttfb_ms.map(|v| v as i64), &r.cache_hit, &r.lease_id,
+                        &r.ttfb_ms.map(|v| v as i64), &r.cache_hit, &r.lease_id, &r.end_user,
                     ];
                     writer.as_mut().write(&row).await.map_err(pg_error)?;
                 }
@@ -982,6 +988,7 @@ impl Store for PgStore {
             })
         })
         .await
+        .map_err(super::usage_refused)
     }
 
     async fn usage_page(

@@ -37,6 +37,8 @@ const FINAL_DRAIN: Duration = Duration::from_secs(3);
 
 pub struct StoreService {
     pub url: String,
+    /// How long requests under way may take to finish at shutdown before the last drain.
+    pub grace: Duration,
     pub cache: Arc<StoreCache>,
     /// Wallets and the usage log (absent when only keys are stored).
     pub billing: Option<BillingWork>,
@@ -64,6 +66,37 @@ impl StoreService {
             }
             StoreEvent::Resync => billing.wallets.resync(),
             StoreEvent::Key(_) => {}
+        }
+    }
+}
+
+/// The state of the usage writes, so an outage is logged when it starts, every minute while it
+/// lasts, and when it ends, instead of at every drain tick.
+#[derive(Default)]
+struct Trouble {
+    since: Option<std::time::Instant>,
+    logged: Option<std::time::Instant>,
+}
+
+impl Trouble {
+    const REPEAT: Duration = Duration::from_secs(60);
+
+    fn seen(&mut self, e: &crate::usage::batcher::BatchError) {
+        let now = std::time::Instant::now();
+        let since = *self.since.get_or_insert(now);
+        if self.logged.is_none_or(|t| now.duration_since(t) >= Self::REPEAT) {
+            self.logged = Some(now);
+            tracing::warn!(
+                "usage not yet written to the store for {}s (kept in the spool): {e}",
+                now.duration_since(since).as_secs()
+            );
+        }
+    }
+
+    fn over(&mut self) {
+        if let Some(since) = self.since.take() {
+            self.logged = None;
+            tracing::info!("usage reaches the store again after {}s", since.elapsed().as_secs());
         }
     }
 }
@@ -112,11 +145,11 @@ impl BackgroundService for StoreService {
         tracing::info!(backend = store.backend(), "store ready");
 
         let rules = self.alerts.as_ref().map(|a| a.rules.clone()).unwrap_or_default();
-        let mut batcher = self.billing.as_ref().and_then(|b| {
-            UsageBatcher::new(b.spool.clone(), b.batch_size, rules)
-                .inspect_err(|e| tracing::error!("cannot read the usage spool: {e}"))
-                .ok()
-        });
+        let mut batcher = self
+            .billing
+            .as_ref()
+            .map(|b| UsageBatcher::new(b.spool.clone(), b.batch_size, rules));
+        let mut store_trouble = Trouble::default();
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
@@ -140,10 +173,12 @@ impl BackgroundService for StoreService {
                 _ = drain.tick() => {
                     if let Some(billing) = &self.billing {
                         billing.spool.sync();
+                        billing.spool.check();
                     }
                     if let Some(batcher) = batcher.as_mut() {
-                        if let Err(e) = batcher.drain(store.as_ref()).await {
-                            tracing::warn!("usage not yet written to the store (kept in the spool): {e}");
+                        match batcher.drain(store.as_ref()).await {
+                            Ok(_) => store_trouble.over(),
+                            Err(e) => store_trouble.seen(&e),
                         }
                         batcher.observe();
                     }
@@ -187,15 +222,25 @@ impl BackgroundService for StoreService {
                 }
             }
         }
-        // Shutdown: everything spooled goes to the store, every lease goes back.
+        // Shutdown: requests still under way finish first (within the grace period), then
+        // everything spooled goes to the store and every lease goes back.
         if let Some(billing) = &self.billing {
+            let deadline = tokio::time::Instant::now() + self.grace;
+            while METRICS.in_flight.get() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             billing.spool.sync();
+            billing.spool.check();
             if let Some(batcher) = batcher.as_mut() {
                 match tokio::time::timeout(FINAL_DRAIN, batcher.drain(store.as_ref())).await {
                     Ok(Ok(_)) => {}
                     _ => tracing::warn!("usage left in the spool at shutdown; it is written at the next start"),
                 }
             }
+            // A successor (graceful upgrade) drains from here on, without waiting for this
+            // process to exit. Records of requests that outlive the grace period stay in this
+            // process's segment, which the successor reads once this process is gone.
+            billing.spool.release_reader();
             if let Err(e) = billing.wallets.return_all().await {
                 tracing::warn!("leases not returned at shutdown (reclaimed after they expire): {e}");
             }

@@ -28,6 +28,9 @@ fn sql_error(e: rusqlite::Error) -> StoreError {
         rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
             StoreError::Conflict(e.to_string())
         }
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::TooBig => {
+            StoreError::Rejected(e.to_string())
+        }
         _ => StoreError::Internal(e.to_string()),
     }
 }
@@ -60,7 +63,7 @@ const KEY_COLUMNS: &str = "k.id, k.account_id, k.name, k.prefix, k.created_at, k
      k.revoked_at, k.allowed_models, k.rpm_limit, k.tpm_limit, k.budget_nano_usd, k.spent_nano_usd";
 const USAGE_COLUMNS: &str = "request_id, account_id, key_id, created_at, route, requested_model, routed_model, \
      provider, task, status, input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_nano_usd, \
-     unbilled_nano_usd, estimated, latency_ms, ttfb_ms, cache_hit, lease_id";
+     unbilled_nano_usd, estimated, latency_ms, ttfb_ms, cache_hit, lease_id, end_user";
 
 fn key_from(row: &Row<'_>) -> rusqlite::Result<KeyInfo> {
     let models: String = row.get(8)?;
@@ -104,6 +107,7 @@ fn usage_from(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
         ttfb_ms: row.get::<_, Option<i64>>(18)?.map(|v| v as u64),
         cache_hit: row.get(19)?,
         lease_id: row.get(20)?,
+        end_user: row.get(21)?,
     })
 }
 
@@ -752,7 +756,7 @@ impl Store for SqliteStore {
             // Which leases of this batch were reclaimed: one look per distinct lease.
             let mut reclaimed_leases: HashMap<String, bool> = HashMap::new();
             let insert_sql = format!(
-                "INSERT OR IGNORE INTO usage_records ({USAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
+                "INSERT OR IGNORE INTO usage_records ({USAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"
             );
             for r in &records {
                 let n = tx
@@ -763,7 +767,8 @@ impl Store for SqliteStore {
                             r.request_id, r.account_id, r.key_id, ms(r.created_at), r.route, r.requested_model,
                             r.routed_model, r.provider, r.task, r.status, r.input_tokens as i64, r.output_tokens as i64,
                             r.cached_tokens as i64, r.reasoning_tokens as i64, r.cost_nano_usd, r.unbilled_nano_usd,
-                            r.estimated, r.latency_ms as i64, r.ttfb_ms.map(|v| v as i64), r.cache_hit, r.lease_id
+                            r.estimated, r.latency_ms as i64, r.ttfb_ms.map(|v| v as i64), r.cache_hit, r.lease_id,
+                            r.end_user
                         ],
                     )
                     .map_err(sql_error)?;
@@ -857,6 +862,7 @@ impl Store for SqliteStore {
             Ok(inserted)
         })
         .await
+        .map_err(super::usage_refused)
     }
 
     async fn usage_page(

@@ -1,9 +1,15 @@
 //! Moves spooled usage records into the store, a batch at a time, and only then moves the
-//! spool's committed position. A batch that fails stays in the spool and is tried again; one
-//! that was written but not yet marked committed (a crash in between) is written again, and the
-//! store skips request ids it already has.
+//! spool's committed position. A batch that fails because the store is down stays in the spool
+//! and is tried again; one that was written but not yet marked committed (a crash in between) is
+//! written again, and the store skips request ids it already has.
+//!
+//! A batch the store refuses for its content ([`StoreError::Rejected`]: a value out of its
+//! bounds, a byte its text type cannot hold) is split in halves until the refused records are
+//! alone; each of those goes to the spool's dead-letter file (with a metric and one error log
+//! line) and everything else is written. One bad record never holds up the records behind it.
 
 use super::spool::{SpoolError, SpoolReader, UsageSpool};
+use super::UsageRecord;
 use crate::metrics::METRICS;
 use crate::store::{AlertRules, Store, StoreError};
 use std::sync::Arc;
@@ -18,36 +24,48 @@ pub enum BatchError {
 
 pub struct UsageBatcher {
     spool: Arc<UsageSpool>,
-    reader: SpoolReader,
+    /// Present once this process is the spool's reader (at once, or after an upgrade's
+    /// predecessor let go).
+    reader: Option<SpoolReader>,
     batch_size: usize,
     rules: AlertRules,
 }
 
 impl UsageBatcher {
-    pub fn new(spool: Arc<UsageSpool>, batch_size: usize, rules: AlertRules) -> Result<UsageBatcher, SpoolError> {
-        let reader = SpoolReader::open(spool.dir())?;
-        Ok(UsageBatcher {
+    pub fn new(spool: Arc<UsageSpool>, batch_size: usize, rules: AlertRules) -> UsageBatcher {
+        UsageBatcher {
             spool,
-            reader,
+            reader: None,
             batch_size: batch_size.max(1),
             rules,
-        })
+        }
     }
 
-    /// Write one batch. Returns how many records it held (0: nothing pending).
+    /// The reader, once this process holds the spool's reader role.
+    fn reader(&mut self) -> Option<&mut SpoolReader> {
+        if self.reader.is_none() && self.spool.try_take_reader() {
+            self.reader = Some(SpoolReader::open(&self.spool));
+        }
+        self.reader.as_mut()
+    }
+
+    /// Write one batch. Returns how many records it held (0: nothing pending, or another
+    /// process is still the reader).
     pub async fn drain_once(&mut self, store: &dyn Store) -> Result<usize, BatchError> {
-        let batch = self.reader.read(self.batch_size, self.spool.writing_segment())?;
-        if batch.next == self.reader.position() {
+        let (batch_size, rules, spool) = (self.batch_size, self.rules.clone(), self.spool.clone());
+        let Some(reader) = self.reader() else {
+            return Ok(0);
+        };
+        let batch = reader.read(batch_size, &spool)?;
+        if batch.next == reader.position() {
             return Ok(0);
         }
         let n = batch.records.len();
         if n > 0 {
-            let written = store.insert_usage(&batch.records, &self.rules).await.inspect_err(|_| {
-                METRICS.store_errors.with_label_values(&["usage"]).inc();
-            })?;
+            let written = insert_isolating(store, &spool, &batch.records, &rules).await?;
             METRICS.usage_written.inc_by(written);
         }
-        self.reader.commit(batch.next)?;
+        reader.commit(batch.next)?;
         Ok(n.max(1))
     }
 
@@ -72,11 +90,54 @@ impl UsageBatcher {
 
     /// Spool depth and age for the metrics.
     pub fn observe(&self) {
-        let (bytes, oldest) = self.reader.backlog();
+        let Some(reader) = &self.reader else { return };
+        let (bytes, oldest) = reader.backlog();
         METRICS.spool_depth.set(bytes as i64);
         let age = oldest.map_or(0.0, |t| {
             (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
         });
         METRICS.spool_age.set(age);
     }
+}
+
+/// Insert `records`; when the store refuses the batch for its content, split it until each
+/// refused record is alone and dead-letter those. Any other failure stops here (the caller keeps
+/// the whole batch in the spool; what was already written is skipped when it is replayed).
+async fn insert_isolating(
+    store: &dyn Store,
+    spool: &UsageSpool,
+    records: &[UsageRecord],
+    rules: &AlertRules,
+) -> Result<u64, BatchError> {
+    let mut written = 0;
+    // Ranges still to write, the next on top; halves are pushed second-half first so that
+    // records go in their spool order.
+    let mut todo: Vec<std::ops::Range<usize>> = Vec::with_capacity(8);
+    todo.push(0..records.len());
+    while let Some(range) = todo.pop() {
+        match store.insert_usage(&records[range.clone()], rules).await {
+            Ok(n) => written += n,
+            Err(StoreError::Rejected(reason)) if range.len() == 1 => {
+                let record = &records[range.start];
+                spool.dead_letter(record, &reason)?;
+                METRICS.usage_dead_letters.inc();
+                tracing::error!(
+                    request_id = %record.request_id,
+                    account_id = %record.account_id,
+                    "the store refused a usage record ({reason}); it is kept in {}",
+                    spool.dir().join(super::spool::DEAD_LETTER_FILE).display()
+                );
+            }
+            Err(StoreError::Rejected(_)) => {
+                let mid = range.start + range.len() / 2;
+                todo.push(mid..range.end);
+                todo.push(range.start..mid);
+            }
+            Err(e) => {
+                METRICS.store_errors.with_label_values(&["usage"]).inc();
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(written)
 }

@@ -74,7 +74,7 @@ impl ExportQuery {
     }
 }
 
-fn values(r: &UsageRecord) -> [Value; 19] {
+fn values(r: &UsageRecord) -> [Value; 20] {
     [
         json!(r.request_id),
         json!(r.created_at),
@@ -95,6 +95,7 @@ fn values(r: &UsageRecord) -> [Value; 19] {
         json!(r.latency_ms),
         json!(r.ttfb_ms),
         json!(r.cache_hit),
+        json!(r.end_user),
     ]
 }
 
@@ -125,11 +126,16 @@ pub fn line(r: &UsageRecord, format: Format) -> String {
     }
 }
 
+/// A text cell. One that a spreadsheet would read as a formula (it begins with `=`, `+`, `-`,
+/// `@`, a tab or a carriage return: OWASP's CSV injection list) gets a leading `'`, so a model
+/// or user name a client chose can never run in the account holder's spreadsheet.
 fn csv_cell(s: &str) -> String {
+    let formula = s.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    let s: std::borrow::Cow<str> = if formula { format!("'{s}").into() } else { s.into() };
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_owned()
+        s.into_owned()
     }
 }
 
@@ -213,5 +219,15 @@ mod tests {
         assert_eq!(csv_cell("plain"), "plain");
         assert_eq!(csv_cell("a,b"), "\"a,b\"");
         assert_eq!(csv_cell("say \"hi\""), "\"say \"\"hi\"\"\"");
+        // Formulas stay text in a spreadsheet.
+        assert_eq!(
+            csv_cell("=HYPERLINK(\"http://x\")"),
+            "\"'=HYPERLINK(\"\"http://x\"\")\""
+        );
+        assert_eq!(csv_cell("+1"), "'+1");
+        assert_eq!(csv_cell("-2+3"), "'-2+3");
+        assert_eq!(csv_cell("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(csv_cell("\tx"), "'\tx");
+        assert_eq!(csv_cell("gpt-4o"), "gpt-4o", "a dash inside is fine");
     }
 }

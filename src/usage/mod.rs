@@ -45,10 +45,55 @@ pub struct UsageRecord {
     pub cache_hit: bool,
     /// The wallet lease the cost was taken from.
     pub lease_id: Option<String>,
+    /// The end user the client named (OpenAI's `user`), validated at the edge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_user: Option<String>,
+}
+
+/// Bytes a record's text fields may hold (the store refuses more; see migration 0003).
+const ROUTE_BYTES: usize = 64;
+const MODEL_BYTES: usize = 256;
+const NAME_BYTES: usize = 64;
+const USER_BYTES: usize = 256;
+
+impl UsageRecord {
+    /// The record with every text field within the store's bounds and free of control
+    /// characters. Client strings are checked at the edge already; this keeps a plugin's or a
+    /// provider's string from ever making a record the store refuses.
+    pub fn bounded(mut self) -> UsageRecord {
+        bound(&mut self.route, ROUTE_BYTES);
+        for (field, max) in [
+            (&mut self.requested_model, MODEL_BYTES),
+            (&mut self.routed_model, MODEL_BYTES),
+            (&mut self.provider, NAME_BYTES),
+            (&mut self.task, NAME_BYTES),
+            (&mut self.end_user, USER_BYTES),
+        ] {
+            if let Some(text) = field {
+                bound(text, max);
+            }
+        }
+        self
+    }
+}
+
+/// Drop control characters and cut to at most `max` bytes, on a character boundary.
+fn bound(text: &mut String, max: usize) {
+    if text.len() <= max && !text.chars().any(char::is_control) {
+        return;
+    }
+    let mut out = String::with_capacity(text.len().min(max));
+    for c in text.chars().filter(|c| !c.is_control()) {
+        if out.len() + c.len_utf8() > max {
+            break;
+        }
+        out.push(c);
+    }
+    *text = out;
 }
 
 /// The columns of an export, in order (CSV header and JSONL keys).
-pub const EXPORT_COLUMNS: [&str; 19] = [
+pub const EXPORT_COLUMNS: [&str; 20] = [
     "request_id",
     "created_at",
     "key_id",
@@ -68,6 +113,7 @@ pub const EXPORT_COLUMNS: [&str; 19] = [
     "latency_ms",
     "ttfb_ms",
     "cache_hit",
+    "user",
 ];
 
 mod spool_time {
@@ -112,6 +158,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn records_are_bounded_for_the_store() {
+        let mut text = format!("gpt\0x{}", "é".repeat(200));
+        bound(&mut text, 10);
+        assert_eq!(text, "gptxééé", "NUL dropped, cut on a character boundary");
+        let mut fine = "gpt-4o".to_owned();
+        bound(&mut fine, 10);
+        assert_eq!(fine, "gpt-4o");
+    }
+
+    #[test]
     fn spool_times_are_micros_and_older_text_still_reads() {
         let t = DateTime::parse_from_rfc3339("2026-11-28T20:00:00.123456Z")
             .unwrap()
@@ -138,6 +194,7 @@ mod tests {
             ttfb_ms: None,
             cache_hit: false,
             lease_id: None,
+            end_user: None,
         };
         let line = serde_json::to_string(&record).unwrap();
         assert!(line.contains(r#""created_at":1795896000123456"#), "{line}");

@@ -25,6 +25,8 @@ pub enum RequestParseError {
     Missing(&'static str),
     #[error("invalid value for `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
+    #[error("the body repeats the key `{0}`; send each key once")]
+    DuplicateKey(String),
 }
 
 impl From<RequestParseError> for ApiError {
@@ -38,6 +40,9 @@ impl From<RequestParseError> for ApiError {
                 ApiError::new(ErrorKind::InvalidRequest, e.to_string())
                     .with_code("invalid_request")
                     .with_param(field)
+            }
+            RequestParseError::DuplicateKey(_) => {
+                ApiError::new(ErrorKind::InvalidRequest, e.to_string()).with_code("duplicate_key")
             }
         }
     }
@@ -64,8 +69,11 @@ pub struct ChatRequest {
     pub stream: bool,
     /// The client asked for the final usage chunk (`stream_options.include_usage`).
     pub include_usage: bool,
-    /// `max_completion_tokens`, or the older `max_tokens`.
+    /// The larger of `max_completion_tokens` and the older `max_tokens` (a provider may honour
+    /// either, so holds and limits assume the larger).
     pub max_tokens: Option<u64>,
+    /// OpenAI's `user` (an end-user id the client chose), validated: it reaches the usage log.
+    pub user: Option<String>,
     pub messages: Vec<ChatMessage>,
     pub has_tools: bool,
     pub has_images: bool,
@@ -88,10 +96,14 @@ impl ChatRequest {
             stream: false,
             include_usage: false,
             max_tokens: None,
+            user: None,
             messages: Vec::new(),
             has_tools: false,
             has_images: false,
         };
+        if let Some(key) = first_duplicate(&top.0) {
+            return Err(RequestParseError::DuplicateKey(client_text_excerpt(key)));
+        }
         let mut seen_model = false;
         let mut seen_messages = false;
         for (key, value) in top.0 {
@@ -100,8 +112,16 @@ impl ChatRequest {
             match key.as_ref() {
                 "model" => {
                     req.model = typed(text, "model")?;
+                    check_client_text("model", &req.model, MAX_MODEL_BYTES)?;
                     seen_model = true;
                 }
+                "user" => {
+                    req.user = typed::<Option<String>>(text, "user")?;
+                    if let Some(user) = &req.user {
+                        check_client_text("user", user, MAX_USER_BYTES)?;
+                    }
+                }
+                "metadata" => check_metadata(text)?,
                 "stream" => req.stream = typed::<Option<bool>>(text, "stream")?.unwrap_or(false),
                 "stream_options" => {
                     let opts: Option<StreamOptions> = typed(text, "stream_options")?;
@@ -109,7 +129,7 @@ impl ChatRequest {
                 }
                 "max_tokens" | "max_completion_tokens" => {
                     if let Some(n) = typed::<Option<u64>>(text, "max_tokens")? {
-                        req.max_tokens = Some(req.max_tokens.map_or(n, |m| m.min(n)));
+                        req.max_tokens = Some(req.max_tokens.map_or(n, |m| m.max(n)));
                     }
                 }
                 "messages" => {
@@ -233,6 +253,94 @@ impl ChatRequest {
     }
 }
 
+/// Longest `model` accepted. Real model ids are well under 100 bytes; the cap keeps a hostile
+/// name out of headers, logs, metrics and the usage log.
+pub const MAX_MODEL_BYTES: usize = 256;
+/// Longest `user` accepted.
+pub const MAX_USER_BYTES: usize = 256;
+/// OpenAI's limits on `metadata`: 16 pairs, keys of 64 characters, values of 512.
+const METADATA_PAIRS: usize = 16;
+const METADATA_KEY_CHARS: usize = 64;
+const METADATA_VALUE_CHARS: usize = 512;
+
+/// A client string that reaches the usage log, headers or logs: not empty, at most `max` bytes,
+/// no control characters (NUL among them, which PostgreSQL refuses in text). Invalid UTF-8 and
+/// lone surrogates never get this far: the JSON parser refuses them.
+pub fn check_client_text(field: &'static str, value: &str, max: usize) -> Result<(), RequestParseError> {
+    let reason = if value.is_empty() {
+        "must not be empty".to_owned()
+    } else if value.len() > max {
+        format!("must be at most {max} bytes (got {})", value.len())
+    } else if value.chars().any(char::is_control) {
+        "must not contain control characters".to_owned()
+    } else {
+        return Ok(());
+    };
+    Err(RequestParseError::Invalid { field, reason })
+}
+
+fn check_metadata(text: &str) -> Result<(), RequestParseError> {
+    let invalid = |reason: String| RequestParseError::Invalid {
+        field: "metadata",
+        reason,
+    };
+    let Some(pairs) = typed::<Option<serde_json::Map<String, serde_json::Value>>>(text, "metadata")? else {
+        return Ok(());
+    };
+    if pairs.len() > METADATA_PAIRS {
+        return Err(invalid(format!("at most {METADATA_PAIRS} pairs")));
+    }
+    for (key, value) in &pairs {
+        let serde_json::Value::String(value) = value else {
+            return Err(invalid("values must be strings".into()));
+        };
+        if key.chars().count() > METADATA_KEY_CHARS || key.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "keys must be at most {METADATA_KEY_CHARS} characters, without control characters"
+            )));
+        }
+        if value.chars().count() > METADATA_VALUE_CHARS || value.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "values must be at most {METADATA_VALUE_CHARS} characters, without control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The first top-level key that occurs twice. Parsers disagree on which copy wins (serde keeps
+/// the last, others the first), so a body with both would let the gateway hold and limit on one
+/// value while the provider honours the other.
+fn first_duplicate<'a>(fields: &'a [(Cow<'a, str>, &'a RawValue)]) -> Option<&'a str> {
+    // A body has a dozen keys: comparing pairs costs less than sorting a copy. A hostile body
+    // with thousands of keys is sorted instead, so the check stays O(n log n).
+    if fields.len() > 32 {
+        let mut keys: Vec<&str> = fields.iter().map(|(k, _)| k.as_ref()).collect();
+        keys.sort_unstable();
+        return keys.windows(2).find(|w| w[0] == w[1]).map(|w| w[0]);
+    }
+    fields.iter().enumerate().find_map(|(i, (key, _))| {
+        fields[i + 1..]
+            .iter()
+            .any(|(other, _)| other == key)
+            .then_some(key.as_ref())
+    })
+}
+
+/// A client string fit to quote in an error message: control characters replaced, at most 64
+/// characters.
+fn client_text_excerpt(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .take(64)
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect();
+    if s.chars().nth(64).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 fn json_string(s: &str) -> String {
     serde_json::Value::String(s.to_owned()).to_string()
 }
@@ -339,7 +447,7 @@ mod tests {
         .unwrap();
         assert_eq!(r.model, "gpt-4o-mini");
         assert!(r.stream && r.include_usage && r.has_tools && r.has_images);
-        assert_eq!(r.max_tokens, Some(40));
+        assert_eq!(r.max_tokens, Some(50), "the larger of the two caps");
         assert_eq!(r.messages.len(), 2);
         assert_eq!(r.last_user_text(), Some("hi"));
     }
@@ -393,5 +501,58 @@ mod tests {
         ));
         let api: ApiError = parse("{").unwrap_err().into();
         assert_eq!(api.status(), 400);
+    }
+
+    #[test]
+    fn client_strings_that_reach_the_usage_log_are_checked_at_the_edge() {
+        let model = |m: &str| parse(&format!(r#"{{"model":{m},"messages":[]}}"#));
+        let field = |r: Result<ChatRequest, RequestParseError>| match r {
+            Err(RequestParseError::Invalid { field, .. }) => Some(field),
+            _ => None,
+        };
+        assert_eq!(field(model(r#""gpt\u0000x""#)), Some("model"), "NUL");
+        assert_eq!(field(model(r#""gpt\u001bx""#)), Some("model"), "ESC");
+        assert_eq!(field(model(r#""gpt\u0085x""#)), Some("model"), "C1 control");
+        assert_eq!(field(model(r#""\ud800""#)), Some("model"), "lone surrogate");
+        assert_eq!(field(model(&format!("\"{}\"", "m".repeat(64 * 1024)))), Some("model"));
+        assert!(model(&format!("\"{}\"", "m".repeat(MAX_MODEL_BYTES))).is_ok());
+        assert!(model(r#""openai/gpt-4o-mini""#).is_ok());
+
+        let with = |extra: &str| parse(&format!(r#"{{"model":"m","messages":[],{extra}}}"#));
+        assert_eq!(
+            with(r#""user":"end-user-7""#).unwrap().user.as_deref(),
+            Some("end-user-7")
+        );
+        assert_eq!(field(with(r#""user":"a\u0000""#)), Some("user"));
+        assert_eq!(field(with(&format!(r#""user":"{}""#, "u".repeat(300)))), Some("user"));
+        assert!(with(r#""metadata":{"team":"core"}"#).is_ok());
+        assert!(with(r#""metadata":null"#).is_ok());
+        assert_eq!(field(with(r#""metadata":{"team":1}"#)), Some("metadata"));
+        assert_eq!(field(with(r#""metadata":{"t":"a\u0000"}"#)), Some("metadata"));
+        let many: Vec<String> = (0..17).map(|i| format!(r#""k{i}":"v""#)).collect();
+        assert_eq!(
+            field(with(&format!(r#""metadata":{{{}}}"#, many.join(",")))),
+            Some("metadata")
+        );
+        let api: ApiError = model(r#""gpt\u0000x""#).unwrap_err().into();
+        assert_eq!((api.status(), api.param), (400, Some("model")));
+        assert!(!api.message.contains('\0'), "the message never quotes the bad value");
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_and_the_larger_token_cap_holds() {
+        let dup = parse(r#"{"model":"m","max_tokens":1,"messages":[],"max_tokens":100000}"#);
+        assert_eq!(dup.unwrap_err(), RequestParseError::DuplicateKey("max_tokens".into()));
+        let api: ApiError = parse(r#"{"model":"a","model":"b","messages":[]}"#).unwrap_err().into();
+        assert_eq!((api.status(), api.code), (400, Some("duplicate_key")));
+        // Many keys: still found, without quadratic work.
+        let keys: Vec<String> = (0..5000).map(|i| format!(r#""k{i}":1"#)).collect();
+        let body = format!(r#"{{"model":"m","messages":[],{},"k17":2}}"#, keys.join(","));
+        assert_eq!(parse(&body).unwrap_err(), RequestParseError::DuplicateKey("k17".into()));
+        // Nested objects keep serde's own duplicate check.
+        assert!(parse(r#"{"model":"m","messages":[{"role":"user","content":"a","content":"b"}]}"#).is_err());
+
+        let both = parse(r#"{"model":"m","max_tokens":100000,"max_completion_tokens":1,"messages":[]}"#).unwrap();
+        assert_eq!(both.max_tokens, Some(100000));
     }
 }

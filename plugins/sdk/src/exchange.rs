@@ -116,8 +116,10 @@ pub struct Exchange {
     pub principal: Option<Principal>,
     /// The task label assigned by a classifier (`coding`, `math`, ...).
     pub task: Option<String>,
-    /// The model the client asked for.
+    /// The model the client asked for (validated: at most 256 bytes, no control characters).
     pub requested_model: Option<String>,
+    /// The end user the client named (OpenAI's `user`), validated like the model.
+    pub end_user: Option<String>,
     pub stream: bool,
     /// The provider and model that produced the response (the last attempt).
     pub provider: Option<String>,
@@ -140,6 +142,7 @@ impl Exchange {
             principal: None,
             task: None,
             requested_model: None,
+            end_user: None,
             stream: false,
             provider: None,
             routed_model: None,
