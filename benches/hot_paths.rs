@@ -71,7 +71,7 @@ fn json(c: &mut Criterion) {
             b.iter(|| {
                 let mut r = parsed.clone();
                 r.set_upstream_model("gpt-4o");
-                r.request_upstream_usage();
+                r.request_upstream_usage(true);
                 r.upstream_body()
             })
         });
@@ -171,7 +171,13 @@ fn warm_key_auth(c: &mut Criterion) {
 /// the gateway, so `"usage":null` is cut from each chunk and the usage chunk dropped), then per
 /// request the cost and the usage record appended to the spool.
 fn metering(c: &mut Criterion) {
-    use komilion::metering::stream::StreamMeter;
+    use komilion::metering::stream::{Inspected, StreamMeter};
+    fn inspected(i: Inspected) -> Option<bytes::Bytes> {
+        match i {
+            Inspected::Send(b) => Some(b),
+            _ => None,
+        }
+    }
     use komilion::usage::spool::UsageSpool;
     use komilion::usage::UsageRecord;
     let with_usage = |n: usize| -> Vec<u8> {
@@ -188,11 +194,13 @@ fn metering(c: &mut Criterion) {
     group.bench_function("relay + meter, per event (200-chunk stream)", |b| {
         b.iter(|| {
             let mut splitter = SseSplitter::new();
-            let mut meter = StreamMeter::new(true);
+            let mut meter = StreamMeter::new(true, "gpt-4o-mini");
             let mut out = 0;
             for piece in stream.chunks(1024) {
                 splitter.push(piece);
-                out += splitter.drain(|raw| meter.inspect(raw)).map_or(0, |b| b.len());
+                out += splitter
+                    .drain(|raw| inspected(meter.inspect(raw)))
+                    .map_or(0, |b| b.len());
             }
             assert!(meter.usage.is_some());
             out
@@ -211,9 +219,9 @@ fn metering(c: &mut Criterion) {
     c.bench_function("metering: per request (11-event stream, cost, spool append)", |b| {
         b.iter(|| {
             let mut splitter = SseSplitter::new();
-            let mut meter = StreamMeter::new(true);
+            let mut meter = StreamMeter::new(true, "gpt-4o-mini");
             splitter.push(&small);
-            splitter.drain(|raw| meter.inspect(raw));
+            splitter.drain(|raw| inspected(meter.inspect(raw)));
             let usage = meter.usage.unwrap();
             let record = UsageRecord {
                 request_id: "01a2236881259367b78ea2db760d6dba".into(),

@@ -54,6 +54,32 @@ pub struct ModelPrice {
     pub cached_input: NanoUsd,
 }
 
+impl ModelPrice {
+    /// Prices from decimal USD-per-million-token strings; the cached input price defaults to the
+    /// input price. Every bad field is reported.
+    pub fn parse(input: &str, output: &str, cached_input: Option<&str>) -> Result<ModelPrice, Vec<ConfigIssue>> {
+        let mut issues = Vec::new();
+        let mut price = |field: &str, text: &str| {
+            parse_usd_per_mtok(text).unwrap_or_else(|err| {
+                issues.push(ConfigIssue::new(field, err));
+                0
+            })
+        };
+        let input = price("input_per_mtok", input);
+        let output = price("output_per_mtok", output);
+        let cached_input = cached_input.map_or(input, |t| price("cached_input_per_mtok", t));
+        if issues.is_empty() {
+            Ok(ModelPrice {
+                input,
+                output,
+                cached_input,
+            })
+        } else {
+            Err(issues)
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct CatalogModel {
     pub id: String,
@@ -95,18 +121,15 @@ impl Catalog {
         let mut catalog = Catalog::default();
         for (i, e) in file.models.into_iter().enumerate() {
             let at = format!("models[{i}]");
-            let mut price = |field: &str, text: &str| {
-                parse_usd_per_mtok(text).unwrap_or_else(|err| {
-                    issues.push(ConfigIssue::new(format!("{at}.{field}"), err));
-                    0
-                })
-            };
-            let input = price("input_per_mtok", &e.input_per_mtok);
-            let output = price("output_per_mtok", &e.output_per_mtok);
-            let cached_input = e
-                .cached_input_per_mtok
-                .as_deref()
-                .map_or(input, |t| price("cached_input_per_mtok", t));
+            let price = ModelPrice::parse(
+                &e.input_per_mtok,
+                &e.output_per_mtok,
+                e.cached_input_per_mtok.as_deref(),
+            )
+            .unwrap_or_else(|found| {
+                issues.extend(found.into_iter().map(|i| i.under(&at)));
+                ModelPrice::default()
+            });
             for (j, c) in e.capabilities.iter().enumerate() {
                 if !CAPABILITIES.contains(&c.as_str()) {
                     issues.push(ConfigIssue::new(
@@ -126,11 +149,7 @@ impl Catalog {
             catalog.models.push(CatalogModel {
                 id: e.id,
                 provider: e.provider,
-                price: ModelPrice {
-                    input,
-                    output,
-                    cached_input,
-                },
+                price,
                 context_window: e.context_window,
                 max_output_tokens: e.max_output_tokens,
                 capabilities: e.capabilities,

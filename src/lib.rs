@@ -6,6 +6,7 @@
 //! the simulated LLM provider used by tests, benches and [`demo`].
 
 pub mod admin;
+pub mod billing;
 pub mod catalog;
 pub mod chain;
 pub mod config;
@@ -20,7 +21,5 @@ pub mod secrets;
 pub mod server;
 pub mod sse;
 pub mod store;
-pub mod stripe;
 pub mod upstream;
 pub mod usage;
-pub mod wallet;

@@ -326,7 +326,14 @@ fn main() -> anyhow::Result<()> {
             let services = komilion::server::plugin_services(cache.as_ref());
             komilion::server::build_chain(&config, &komilion_plugins::builtin_registry(), &services)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", conf.display()))?;
-            println!("{}: ok", conf.display());
+            let warnings = komilion::server::config_warnings(&config);
+            for warning in &warnings {
+                eprintln!("warning: {warning}");
+            }
+            match warnings.len() {
+                0 => println!("{}: ok", conf.display()),
+                n => println!("{}: ok, {n} warning{}", conf.display(), if n == 1 { "" } else { "s" }),
+            }
             Ok(())
         }
         Command::Demo {

@@ -2,6 +2,7 @@
 //! and metrics listeners, and the background services.
 
 use crate::admin::AdminApi;
+use crate::billing::wallet::WalletBook;
 use crate::chain::PluginChain;
 use crate::config::Config;
 use crate::metrics::MetricsApp;
@@ -12,7 +13,6 @@ use crate::store::cache::{StoreCache, StoreSlot};
 use crate::store::service::{BillingWork, StoreService};
 use crate::upstream::{DnsRefresher, Upstreams};
 use crate::usage::spool::{SpoolMode, UsageSpool};
-use crate::wallet::WalletBook;
 use komilion_sdk::{ConfigIssue, PluginRegistry, PluginServices};
 use pingora::apps::http_app::HttpServer;
 use pingora::connectors::http::Connector;
@@ -88,6 +88,12 @@ pub fn build_chain(
     PluginChain::build(&config.plugins, registry, services).map_err(BuildError::Config)
 }
 
+/// What `komilion check` warns about: settings that work but are likely not what the operator
+/// wants (they never stop a start).
+pub fn config_warnings(config: &Config) -> Vec<String> {
+    crate::billing::pricing::Pricing::new(config.catalog.clone(), &config.providers).warnings(&config.providers)
+}
+
 /// Open the store once before serving: an unreachable store or a failed migration stops the
 /// start with a clear message instead of a gateway that answers 503 to everyone. The runtime
 /// used here is dropped before Pingora forks; the serving store is opened by [`StoreService`].
@@ -149,7 +155,7 @@ pub fn build_server(config: &Config, mut opt: Opt) -> Result<Server, BuildError>
             tolerance_secs: s.tolerance_secs,
             store: slot.clone(),
         }),
-        catalog: config.catalog.clone(),
+        pricing: crate::billing::pricing::Pricing::new(config.catalog.clone(), &config.providers),
         billing: billing.clone(),
         store: config.store.as_ref().map(|_| slot.clone()),
     };

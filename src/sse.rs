@@ -101,6 +101,12 @@ impl SseSplitter {
         self.buf.len()
     }
 
+    /// Forget everything buffered.
+    pub fn clear(&mut self) {
+        self.buf = BytesMut::new();
+        self.scanned = 0;
+    }
+
     /// The end of the first event starting at `from`: just past a line break that follows a
     /// line break (`\n\n`, `\r\n\r\n`, `\r\r` and mixtures).
     fn find_boundary_from(&mut self, from: usize) -> Option<usize> {

@@ -108,7 +108,7 @@ async fn stripe_checkouts_credit_the_wallet_exactly_once() {
                 .as_u16()
         }
     };
-    let signed = komilion::stripe::sign(&payload, secret, now());
+    let signed = komilion::billing::stripe::sign(&payload, secret, now());
     assert_eq!(deliver(signed.clone(), payload.clone()).await, 200);
     assert_eq!(
         deliver(signed, payload.clone()).await,
@@ -121,17 +121,25 @@ async fn stripe_checkouts_credit_the_wallet_exactly_once() {
     assert_eq!(wallet["balance_usd"], "12.5", "credited once: {wallet}");
 
     assert_eq!(
-        deliver(komilion::stripe::sign(&payload, "whsec_wrong", now()), payload.clone()).await,
+        deliver(
+            komilion::billing::stripe::sign(&payload, "whsec_wrong", now()),
+            payload.clone()
+        )
+        .await,
         400
     );
     assert_eq!(
-        deliver(komilion::stripe::sign(&payload, secret, now() - 3600), payload.clone()).await,
+        deliver(
+            komilion::billing::stripe::sign(&payload, secret, now() - 3600),
+            payload.clone()
+        )
+        .await,
         400
     );
     assert_eq!(deliver("t=1,v1=zz".into(), payload.clone()).await, 400);
     let mut tampered = event.clone();
     tampered["data"]["object"]["amount_total"] = json!(999_999);
-    let signed = komilion::stripe::sign(&payload, secret, now());
+    let signed = komilion::billing::stripe::sign(&payload, secret, now());
     assert_eq!(deliver(signed, serde_json::to_vec(&tampered).unwrap()).await, 400);
     let (_, wallet) = admin
         .call(Method::GET, &format!("/accounts/{account}/wallet"), None)

@@ -217,10 +217,19 @@ fn a_malformed_upstream_event_does_not_break_the_relay() {
     s.write_all(&body).unwrap();
     let raw = read_all(&mut s);
     assert!(raw.starts_with("HTTP/1.1 200"));
+    // Something the client's SDK cannot parse is not passed on: the stream ends with an error
+    // event in the OpenAI shape, then [DONE].
     assert!(
-        raw.contains("chatcmpl-broken"),
-        "the provider's bytes are relayed as sent"
+        !raw.contains("chatcmpl-broken"),
+        "the malformed event is not relayed: {raw:?}"
     );
+    let error = raw
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .find(|d| d.contains("\"error\""))
+        .unwrap_or_else(|| panic!("an error event: {raw:?}"));
+    let error: serde_json::Value = serde_json::from_str(error).unwrap();
+    assert_eq!(error["error"]["code"], "bad_upstream_response");
     assert!(raw.contains("data: [DONE]\n\n"), "the stream ran to its end: {raw:?}");
     assert!(
         raw.ends_with("\r\n0\r\n\r\n"),

@@ -63,7 +63,11 @@ async fn postgres_migrations_are_idempotent() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n as usize, komilion::store::MIGRATIONS_POSTGRES, "every migration recorded once");
+    assert_eq!(
+        n as usize,
+        komilion::store::MIGRATIONS_POSTGRES,
+        "every migration recorded once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

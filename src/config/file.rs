@@ -230,6 +230,45 @@ pub struct ProviderSection {
     pub models: Vec<String>,
     #[serde(default)]
     pub timeouts: TimeoutsSection,
+    /// Prices of this provider's models (USD per million tokens, decimal strings), for models the
+    /// catalog does not price or that this provider sells at another price.
+    #[serde(default)]
+    pub prices: std::collections::BTreeMap<String, PriceSection>,
+    /// What to do with a model that has no price (neither here nor in the catalog): `refuse`
+    /// (default: wallet-billed keys get `400 model_not_priced`) or `free` (served at $0).
+    #[serde(default)]
+    pub unpriced: UnpricedPolicy,
+    /// Ask this provider for a stream's usage chunk (`stream_options.include_usage`). Turn off
+    /// for OpenAI-compatible servers that refuse the field; the gateway then counts the
+    /// delivered output itself and marks the record estimated.
+    #[serde(default = "yes")]
+    pub stream_usage: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A model's price on one provider, USD per million tokens.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PriceSection {
+    pub input_per_mtok: String,
+    pub output_per_mtok: String,
+    /// The input price when absent.
+    #[serde(default)]
+    pub cached_input_per_mtok: Option<String>,
+}
+
+/// What a provider does with models it has no price for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnpricedPolicy {
+    /// Refuse them for wallet-billed keys: no request is ever held and charged at $0 by
+    /// accident.
+    #[default]
+    Refuse,
+    /// Serve them at $0 (a self-hosted model the operator does not charge for).
+    Free,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -8,8 +8,8 @@ mod env;
 mod file;
 
 pub use file::{
-    AdminSection, AlertsSection, FileConfig, LimitsSection, ListenSection, PluginSection, ProviderKind,
-    ProviderSection, ServerSection, StripeSection, TimeoutsSection, UsageSection, WalletsSection,
+    AdminSection, AlertsSection, FileConfig, LimitsSection, ListenSection, PluginSection, PriceSection, ProviderKind,
+    ProviderSection, ServerSection, StripeSection, TimeoutsSection, UnpricedPolicy, UsageSection, WalletsSection,
 };
 
 use komilion_sdk::ConfigIssue;
@@ -50,6 +50,11 @@ pub struct ProviderConfig {
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
+    /// This provider's own prices, by model.
+    pub prices: std::collections::HashMap<String, crate::catalog::ModelPrice>,
+    pub unpriced: UnpricedPolicy,
+    /// Ask for a stream's usage chunk (`stream_options.include_usage`).
+    pub stream_usage: bool,
 }
 
 /// The validated config the gateway runs on.
@@ -65,7 +70,7 @@ pub struct Config {
     pub admin: Option<AdminSection>,
     pub stripe: Option<StripeSection>,
     pub usage: UsageSection,
-    pub wallets: crate::wallet::WalletSettings,
+    pub wallets: crate::billing::wallet::WalletSettings,
     pub alerts: Option<Alerts>,
     pub catalog: crate::catalog::Catalog,
 }
@@ -166,7 +171,7 @@ impl Config {
         if file.wallets.lease_ttl_secs == 0 {
             issues.push(ConfigIssue::new("wallets.lease_ttl_secs", "must be at least 1"));
         }
-        let wallets = crate::wallet::WalletSettings {
+        let wallets = crate::billing::wallet::WalletSettings {
             max_output_tokens: file.wallets.max_output_tokens,
             lease_max,
             lease_ttl: Duration::from_secs(file.wallets.lease_ttl_secs),
@@ -299,7 +304,24 @@ fn validate_provider(p: ProviderSection, at: &str, issues: &mut Vec<ConfigIssue>
             ));
         }
     }
+    let mut prices = std::collections::HashMap::new();
+    for (model, price) in &p.prices {
+        let at = format!("{at}.prices.{model}");
+        match crate::catalog::ModelPrice::parse(
+            &price.input_per_mtok,
+            &price.output_per_mtok,
+            price.cached_input_per_mtok.as_deref(),
+        ) {
+            Ok(parsed) => {
+                prices.insert(model.clone(), parsed);
+            }
+            Err(found) => issues.extend(found.into_iter().map(|i| i.under(&at))),
+        }
+    }
     Some(ProviderConfig {
+        prices,
+        unpriced: p.unpriced,
+        stream_usage: p.stream_usage,
         host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
         port: url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 }),
         base_path: url.path().trim_end_matches('/').to_owned(),

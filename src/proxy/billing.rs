@@ -4,13 +4,12 @@
 //! before the client can see its answer end, which no plugin hook is placed to guarantee.
 
 use super::{Gateway, RequestCtx};
-use crate::catalog::{Catalog, ModelPrice};
+use crate::billing::wallet::{WalletBook, WalletError};
 use crate::metering::tokens::count_chat_prompt;
 use crate::metrics::METRICS;
 use crate::money::token_cost;
 use crate::usage::spool::UsageSpool;
 use crate::usage::UsageRecord;
-use crate::wallet::{WalletBook, WalletError};
 use komilion_sdk::{ApiError, ChatRequest, ErrorKind, LocalResponse, Principal, RoutePlan};
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,15 +19,6 @@ use std::time::Instant;
 pub struct Billing {
     pub wallets: Arc<WalletBook>,
     pub spool: Arc<UsageSpool>,
-}
-
-fn price_of(catalog: &Catalog, model: &str) -> ModelPrice {
-    let id = model.rsplit('/').next().unwrap_or(model);
-    catalog
-        .get(model)
-        .or_else(|| catalog.get(id))
-        .map(|m| m.price)
-        .unwrap_or_default()
 }
 
 /// Tokens the prompt cannot exceed, without tokenizing it: byte-level BPE tokens cover at least
@@ -47,8 +37,8 @@ impl Gateway {
         plan.candidates
             .iter()
             .map(|c| {
-                let price = price_of(&self.catalog, &c.model);
-                let model_limit = self.catalog.get(&c.model).map_or(0, |m| m.max_output_tokens);
+                let price = self.pricing.price(&c.provider, &c.model).unwrap_or_default();
+                let model_limit = self.pricing.model(&c.model).map_or(0, |m| m.max_output_tokens);
                 let max_out = chat
                     .max_tokens
                     .unwrap_or(if model_limit > 0 { model_limit.min(cap) } else { cap });
@@ -58,12 +48,15 @@ impl Gateway {
             .unwrap_or(0)
     }
 
-    /// Hold the request's maximum cost on its account's wallet, or refuse it.
+    /// Hold the request's maximum cost on its account's wallet, or refuse it: when no candidate
+    /// has a price (no request is charged $0 by accident), when its usage could not be recorded
+    /// (the spool cannot be appended: fail closed rather than serve it unbilled), or when the
+    /// wallet cannot cover it.
     pub(super) async fn hold(
         &self,
         ctx: &mut RequestCtx,
         chat: &ChatRequest,
-        plan: &RoutePlan,
+        plan: &mut RoutePlan,
     ) -> Result<(), LocalResponse> {
         let (
             Some(billing),
@@ -76,6 +69,31 @@ impl Gateway {
         else {
             return Ok(());
         };
+        plan.candidates
+            .retain(|c| self.pricing.price(&c.provider, &c.model).is_some());
+        if plan.candidates.is_empty() {
+            METRICS.wallet_rejections.with_label_values(&["unpriced"]).inc();
+            return Err(ApiError::new(
+                ErrorKind::InvalidRequest,
+                format!(
+                    "The model `{}` has no price on this gateway, so it cannot be billed to your wallet.",
+                    chat.model
+                ),
+            )
+            .with_code("model_not_priced")
+            .with_param("model")
+            .into());
+        }
+        if !billing.spool.accepting() {
+            METRICS.wallet_rejections.with_label_values(&["usage_log"]).inc();
+            return Err(ApiError::new(
+                ErrorKind::Unavailable,
+                "Usage cannot be recorded right now, so paid requests are paused; retry shortly.",
+            )
+            .with_code("usage_log_unavailable")
+            .with_retry_after(5)
+            .into());
+        }
         let cap = billing.wallets.settings().max_output_tokens;
         // First with a bound that needs no tokenizer; only if the wallet is tight, with the
         // real prompt count.
@@ -130,11 +148,12 @@ impl Gateway {
         }
         let ex = &ctx.exchange;
         let model = ex.routed_model.as_deref().unwrap_or("");
-        let price = price_of(&self.catalog, model);
-        let cost = if ex.provider.is_some() {
-            crate::metering::cost(&price, &ex.usage)
-        } else {
-            0
+        let cost = match ex.provider.as_deref() {
+            Some(provider) => {
+                let price = self.pricing.price(provider, model).unwrap_or_default();
+                crate::metering::cost(&price, &ex.usage)
+            }
+            None => 0,
         };
         if ex.usage.input_tokens + ex.usage.output_tokens > 0 {
             let labels = [

@@ -28,6 +28,9 @@ use std::time::{Duration, Instant};
 const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
 /// How long a pooled connection may idle after being released.
 const POOL_IDLE: Duration = Duration::from_secs(60);
+/// Largest stream event accepted from a provider (an event still waiting for its blank line
+/// counts): past it the client's stream ends with an error event.
+const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
 /// Times a request is re-sent when a pooled connection turns out to be closed.
 const STALE_RETRIES: usize = 2;
 
@@ -144,6 +147,10 @@ impl Gateway {
             ctx.exchange.provider = Some(candidate.provider.clone());
             ctx.exchange.routed_model = Some(candidate.model.clone());
             chat.set_upstream_model(&candidate.model);
+            // Usage comes from the provider's own figures: ask for the stream's usage chunk
+            // (the relay removes it again if the client did not ask), unless this provider
+            // refuses the field.
+            chat.request_upstream_usage(upstream.config.stream_usage);
             let body = chat.upstream_body();
             let answer = match self
                 .attempt(upstream, chat.stream, body, &mut ctx.exchange.timing)
@@ -343,15 +350,37 @@ impl Gateway {
             return;
         }
         // The gateway asked for the usage chunk; the client gets it only if it asked too.
-        let mut relay = StreamRelay::new(!chat.include_usage);
+        let mut relay = StreamRelay::new(!chat.include_usage, &model, MAX_EVENT_BYTES);
         // Events that arrived together leave together: a provider sends each event as its own
         // HTTP chunk, and writing them one by one would cost the client a wake-up per event.
         let mut outbox = Outbox::default();
         let mut piece = Some(first);
         loop {
             if let Some(chunk) = piece.take() {
-                if let Some(out) = relay.feed(&chunk, &self.chain, &mut ctx.exchange) {
+                let fed = relay.feed(&chunk, &self.chain, &mut ctx.exchange);
+                if let Some(out) = fed.out {
                     outbox.push(out);
+                }
+                if let Some(why) = fed.broken {
+                    // Never relay what the client's SDK cannot parse: end its stream cleanly
+                    // with an error, bill what was delivered, and drop the upstream connection.
+                    METRICS
+                        .upstream_errors
+                        .with_label_values(&[upstream.name(), "bad_response"])
+                        .inc();
+                    tracing::warn!(provider = upstream.name(), request_id = %ctx.exchange.request_id, "stream ended: {why}");
+                    ctx.exchange.usage = stream_usage(&mut relay, chat, &model);
+                    self.finish_usage(ctx, 200);
+                    let error = ApiError::new(
+                        ErrorKind::BadGateway,
+                        format!("The provider `{}` sent an invalid stream: {why}.", upstream.name()),
+                    )
+                    .with_code("bad_upstream_response");
+                    outbox.push(stream_error_event(&error, ctx.exchange.surface));
+                    if end_client_stream(session, outbox.take()).await.is_err() {
+                        ctx.client_gone = true;
+                    }
+                    return;
                 }
             }
             // A piece already here is taken without waiting (Pingora's body read is cancel-safe:
@@ -376,7 +405,7 @@ impl Gateway {
                         // The client left: dropping the upstream connection stops the
                         // generation; what was delivered is billed.
                         ctx.client_gone = true;
-                        ctx.exchange.usage = stream_usage(&relay, chat, &model);
+                        ctx.exchange.usage = stream_usage(&mut relay, chat, &model);
                         self.finish_usage(ctx, 200);
                         return;
                     }
@@ -386,8 +415,19 @@ impl Gateway {
             match next {
                 Ok(Some(chunk)) => piece = Some(chunk),
                 Ok(None) => {
-                    outbox.push(relay.finish());
-                    ctx.exchange.usage = stream_usage(&relay, chat, &model);
+                    let fed = relay.finish(&self.chain, &mut ctx.exchange);
+                    if let Some(out) = fed.out {
+                        outbox.push(out);
+                    }
+                    if let Some(why) = fed.broken {
+                        let error = ApiError::new(
+                            ErrorKind::BadGateway,
+                            format!("The provider `{}` sent an invalid stream: {why}.", upstream.name()),
+                        )
+                        .with_code("bad_upstream_response");
+                        outbox.push(stream_error_event(&error, ctx.exchange.surface));
+                    }
+                    ctx.exchange.usage = stream_usage(&mut relay, chat, &model);
                     self.finish_usage(ctx, 200);
                     if end_client_stream(session, outbox.take()).await.is_err() {
                         ctx.client_gone = true;
@@ -401,7 +441,7 @@ impl Gateway {
                         .with_label_values(&[upstream.name(), e.kind()])
                         .inc();
                     tracing::warn!(provider = upstream.name(), request_id = %ctx.exchange.request_id, "stream ended early: {e:?}");
-                    ctx.exchange.usage = stream_usage(&relay, chat, &model);
+                    ctx.exchange.usage = stream_usage(&mut relay, chat, &model);
                     self.finish_usage(ctx, 200);
                     outbox.push(stream_error_event(
                         &e.to_api_error(upstream.name()),
@@ -472,13 +512,16 @@ impl Outbox {
 }
 
 /// A stream's usage: the provider's, or counted from what was delivered.
-fn stream_usage(relay: &StreamRelay, chat: &ChatRequest, model: &str) -> Usage {
-    relay.meter.usage.unwrap_or_else(|| Usage {
-        input_tokens: count_chat_prompt(model, &chat.messages),
-        output_tokens: relay.meter.estimate_output(model),
-        estimated: true,
-        ..Usage::default()
-    })
+fn stream_usage(relay: &mut StreamRelay, chat: &ChatRequest, model: &str) -> Usage {
+    match relay.meter.usage {
+        Some(usage) => usage,
+        None => Usage {
+            input_tokens: count_chat_prompt(model, &chat.messages),
+            output_tokens: relay.meter.delivered_output_tokens(),
+            estimated: true,
+            ..Usage::default()
+        },
+    }
 }
 
 /// A JSON answer without usage: count its prompt and message text.

@@ -47,7 +47,7 @@ pub struct Gateway {
     /// Stripe top-ups, when configured.
     pub stripe: Option<StripeEndpoint>,
     /// Model prices and limits.
-    pub catalog: crate::catalog::Catalog,
+    pub pricing: crate::billing::pricing::Pricing,
     /// Wallets and the usage log, when the gateway has a store.
     pub billing: Option<Billing>,
     /// The store, for a key holder's usage export.
@@ -65,7 +65,7 @@ pub struct RequestCtx {
     /// The client went away before the response was complete.
     pub client_gone: bool,
     /// Money set aside on the wallet for this request.
-    pub hold: Option<crate::wallet::Hold>,
+    pub hold: Option<crate::billing::wallet::Hold>,
     /// The usage record was written.
     pub recorded: bool,
     _in_flight: InFlight,
@@ -220,10 +220,7 @@ impl Gateway {
             ctx.answered_by = Some(stop.plugin);
             return Err(stop.response);
         }
-        self.hold(ctx, &chat, &plan).await?;
-        // Usage comes from the provider's own figures: always ask for the stream's usage chunk
-        // (the relay removes it again if the client did not ask).
-        chat.request_upstream_usage();
+        self.hold(ctx, &chat, &mut plan).await?;
         self.forward(session, ctx, &mut chat, &plan).await
     }
 

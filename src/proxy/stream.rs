@@ -2,7 +2,7 @@
 //! event, metering each and letting plugins see it.
 
 use crate::chain::PluginChain;
-use crate::metering::stream::StreamMeter;
+use crate::metering::stream::{Inspected, StreamMeter};
 use crate::sse::{SseEvent, SseSplitter};
 use bytes::Bytes;
 use komilion_sdk::{Exchange, StreamEvent};
@@ -11,40 +11,105 @@ use komilion_sdk::{Exchange, StreamEvent};
 pub struct StreamRelay {
     splitter: SseSplitter,
     pub meter: StreamMeter,
+    /// Largest event accepted, in bytes (an event still waiting for its blank line counts).
+    max_event: usize,
+    /// Why the stream cannot go on, once it cannot: nothing more is relayed.
+    broken: Option<String>,
+}
+
+/// What one upstream chunk gave.
+pub struct Fed {
+    /// The bytes to send the client now.
+    pub out: Option<Bytes>,
+    /// The upstream sent something that is not a valid event: after `out`, end the client's
+    /// stream with an error event.
+    pub broken: Option<String>,
 }
 
 impl StreamRelay {
-    /// `strip_usage`: the usage chunk was requested for the gateway, not the client.
-    pub fn new(strip_usage: bool) -> StreamRelay {
+    /// `strip_usage`: the usage chunk was requested for the gateway, not the client. `model`
+    /// names the tokenizer that counts delivered output if no usage arrives.
+    pub fn new(strip_usage: bool, model: &str, max_event: usize) -> StreamRelay {
         StreamRelay {
             splitter: SseSplitter::new(),
-            meter: StreamMeter::new(strip_usage),
+            meter: StreamMeter::new(strip_usage, model),
+            max_event,
+            broken: None,
         }
     }
 
-    /// Feed one upstream chunk; returns the bytes to send now. Only complete events go out, so
-    /// a client never sees half an event the gateway has not checked.
-    pub fn feed(&mut self, chunk: &[u8], chain: &PluginChain, ex: &mut Exchange) -> Option<Bytes> {
-        let StreamRelay { splitter, meter } = self;
+    /// Feed one upstream chunk. Only complete events go out, so a client never sees half an
+    /// event the gateway has not checked.
+    pub fn feed(&mut self, chunk: &[u8], chain: &PluginChain, ex: &mut Exchange) -> Fed {
+        if self.broken.is_some() {
+            return Fed {
+                out: None,
+                broken: self.broken.clone(),
+            };
+        }
+        let StreamRelay {
+            splitter,
+            meter,
+            broken,
+            max_event,
+        } = self;
         splitter.push(chunk);
         let plugins_listen = chain.wants_events();
-        splitter.drain(|raw| {
-            if plugins_listen {
-                let event = SseEvent::parse(&raw);
-                chain.on_event(
-                    &StreamEvent {
-                        event: event.event,
-                        data: &event.data,
-                    },
-                    ex,
-                );
+        let out = splitter.drain(|raw| {
+            if broken.is_some() {
+                return None;
             }
-            meter.inspect(raw)
-        })
+            if raw.len() > *max_event {
+                *broken = Some(format!(
+                    "the provider sent an event over the limit of {max_event} bytes"
+                ));
+                return None;
+            }
+            match meter.inspect(raw.clone()) {
+                Inspected::Send(out) => {
+                    if plugins_listen {
+                        let event = SseEvent::parse(&raw);
+                        chain.on_event(
+                            &StreamEvent {
+                                event: event.event,
+                                data: &event.data,
+                            },
+                            ex,
+                        );
+                    }
+                    Some(out)
+                }
+                Inspected::Drop => None,
+                Inspected::Malformed(why) => {
+                    *broken = Some(why);
+                    None
+                }
+            }
+        });
+        if broken.is_none() && splitter.buffered() > *max_event {
+            *broken = Some(format!(
+                "the provider sent an event over the limit of {max_event} bytes"
+            ));
+            splitter.clear();
+        }
+        Fed {
+            out,
+            broken: broken.clone(),
+        }
     }
 
-    /// The unterminated tail when the upstream ended cleanly (forwarded as it was).
-    pub fn finish(&mut self) -> Bytes {
-        self.splitter.take_rest()
+    /// The unterminated tail when the upstream ended cleanly: an event without its blank line
+    /// is metered (and checked) like any other, then sent with its blank line.
+    pub fn finish(&mut self, chain: &PluginChain, ex: &mut Exchange) -> Fed {
+        let rest = self.splitter.take_rest();
+        if rest.iter().all(u8::is_ascii_whitespace) || self.broken.is_some() {
+            return Fed {
+                out: None,
+                broken: self.broken.clone(),
+            };
+        }
+        let mut terminated = rest.to_vec();
+        terminated.extend_from_slice(b"\n\n");
+        self.feed(&terminated, chain, ex)
     }
 }

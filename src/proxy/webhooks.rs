@@ -4,8 +4,8 @@
 
 use super::body::{read_body, BodyError};
 use super::{Gateway, RequestCtx};
+use crate::billing::stripe::{handle_event, verify_signature, Outcome, WebhookError};
 use crate::store::cache::StoreSlot;
-use crate::stripe::{handle_event, verify_signature, Outcome, WebhookError};
 use bytes::Bytes;
 use komilion_sdk::{ApiError, ErrorKind, LocalResponse};
 use pingora::proxy::Session;

@@ -11,11 +11,11 @@
 
 use super::cache::StoreCache;
 use super::{open, Store, StoreEvent};
+use crate::billing::wallet::WalletBook;
 use crate::config::Alerts;
 use crate::metrics::METRICS;
 use crate::usage::batcher::UsageBatcher;
 use crate::usage::spool::UsageSpool;
-use crate::wallet::WalletBook;
 use async_trait::async_trait;
 use chrono::Utc;
 use pingora::server::ShutdownWatch;

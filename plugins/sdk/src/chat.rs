@@ -189,10 +189,15 @@ impl ChatRequest {
         }
     }
 
-    /// Make the upstream send its usage chunk, whatever the client asked, keeping any other
-    /// `stream_options` the client set.
-    pub fn request_upstream_usage(&mut self) {
-        if !self.stream || self.include_usage {
+    /// Make the upstream send its usage chunk (`ask`), whatever the client asked, keeping any
+    /// other `stream_options` the client set; or send the client's own `stream_options` (for a
+    /// provider that refuses the field).
+    pub fn request_upstream_usage(&mut self, ask: bool) {
+        if !ask {
+            self.overrides.retain(|(k, _)| k.as_ref() != "stream_options");
+            return;
+        }
+        if !self.stream || self.include_usage || self.overrides.iter().any(|(k, _)| k.as_ref() == "stream_options") {
             return;
         }
         let mut opts = self
@@ -464,7 +469,7 @@ mod tests {
         let r0 = r#"{"model":"auto","stream":true,"stream_options":{"foo":1},"messages":[{"role":"user","content":"q"}],"seed":7}"#;
         let mut r = parse(r0).unwrap();
         r.set_upstream_model("gpt-4o");
-        r.request_upstream_usage();
+        r.request_upstream_usage(true);
         let v: serde_json::Value = serde_json::from_slice(&r.upstream_body()).unwrap();
         assert_eq!(v["model"], "gpt-4o");
         assert_eq!(v["stream_options"]["include_usage"], true);
@@ -477,7 +482,7 @@ mod tests {
     #[test]
     fn missing_usage_request_adds_stream_options() {
         let mut r = parse(r#"{"model":"m","stream":true,"messages":[]}"#).unwrap();
-        r.request_upstream_usage();
+        r.request_upstream_usage(true);
         let v: serde_json::Value = serde_json::from_slice(&r.upstream_body()).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert!(!r.include_usage);

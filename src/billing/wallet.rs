@@ -84,9 +84,15 @@ struct LeaseState {
     last_used: Option<Instant>,
     /// When the store's expiry was last pushed forward.
     renewed: Option<Instant>,
-    /// The store could not cover the last request: refuse until a top-up is announced.
-    empty: bool,
+    /// The store could not cover a request: what it still had unleased then, and when. For a
+    /// moment (or until a top-up is announced) a hold larger than that plus the local lease is
+    /// refused without asking the store again; a smaller one still asks.
+    refused: Option<(i64, Instant)>,
 }
+
+/// How long a refusal from the store answers for it: other instances return idle leases to the
+/// wallet without announcing it, so a refusal is only trusted briefly.
+const REFUSAL_MEMORY: Duration = Duration::from_secs(1);
 
 impl LeaseState {
     fn available(&self) -> i64 {
@@ -161,16 +167,19 @@ impl WalletBook {
         if book.try_hold(amount) == Some(true) {
             return Ok(hold);
         }
-        let (lease_id, available, empty) = {
+        let (lease_id, available) = {
             let s = book
                 .state
                 .lock()
                 .map_err(|_| WalletError::Unavailable("wallet lock poisoned".into()))?;
-            (s.lease_id.clone(), s.available(), s.empty)
+            let known_short = s
+                .refused
+                .is_some_and(|(unleased, at)| at.elapsed() < REFUSAL_MEMORY && amount > s.available() + unleased);
+            if known_short {
+                return Err(WalletError::Insufficient);
+            }
+            (s.lease_id.clone(), s.available())
         };
-        if empty {
-            return Err(WalletError::Insufficient);
-        }
         let store = self
             .store
             .get()
@@ -211,9 +220,11 @@ impl WalletBook {
         if s.available() >= amount {
             s.held += amount;
             s.last_used = Some(Instant::now());
+            s.refused = None;
             Ok(hold)
         } else {
-            s.empty = true;
+            // Only this request is refused: a smaller one may still fit in what is left.
+            s.refused = Some((grant.balance_nano_usd.max(0), Instant::now()));
             Err(WalletError::Insufficient)
         }
     }
@@ -243,17 +254,17 @@ impl WalletBook {
         let accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(book) = accounts.get(account_id) {
             if let Ok(mut s) = book.state.lock() {
-                s.empty = false;
+                s.refused = None;
             }
         }
     }
 
-    /// Forget every "wallet empty" mark (after missed notifications).
+    /// Forget every remembered refusal (after missed notifications).
     pub fn resync(&self) {
         let accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
         for book in accounts.values() {
             if let Ok(mut s) = book.state.lock() {
-                s.empty = false;
+                s.refused = None;
             }
         }
     }
@@ -422,13 +433,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_empty_wallet_refuses_until_topped_up() {
+    async fn a_hold_the_wallet_cannot_cover_is_refused_alone() {
         let (_dir, store, book, account) = book_with("0.000001").await; // 1,000 nano-USD
         assert_eq!(book.hold(&account, 5_000).await, Err(WalletError::Insufficient));
-        // Remembered: no store round trip for the next refusal...
+        // Remembered for a moment: no store round trip for the same refusal...
         assert_eq!(book.hold(&account, 5_000).await, Err(WalletError::Insufficient));
+        // ...but a request the wallet can cover goes through at once.
+        let small = book.hold(&account, 400).await.unwrap();
+        book.settle(&small, 400);
         store.credit(&account, 10_000, "admin", "top").await.unwrap();
-        // ...until a top-up is announced.
+        // A top-up, once announced, is used at once.
         book.wallet_changed(&account);
         assert!(book.hold(&account, 5_000).await.is_ok());
     }
