@@ -31,6 +31,8 @@ pub enum DemoError {
     Provider(std::io::Error),
     #[error("no free port: {0}")]
     Port(std::io::Error),
+    #[error("cannot listen on 127.0.0.1:{0}: {1}; is another komilion or another server already there?")]
+    PortTaken(u16, std::io::Error),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigErrors),
     #[error(transparent)]
@@ -42,7 +44,11 @@ pub enum DemoError {
 /// The port asked for, else the preferred one if free, else any free port.
 fn pick_port(asked: Option<u16>, preferred: u16) -> Result<u16, DemoError> {
     if let Some(p) = asked {
-        return Ok(p);
+        // Checked before anything else happens: the demo's data directory is named after the
+        // port, and a demo already running there must be left alone.
+        return TcpListener::bind(("127.0.0.1", p))
+            .map(|_| p)
+            .map_err(|e| DemoError::PortTaken(p, e));
     }
     if TcpListener::bind(("127.0.0.1", preferred)).is_ok() {
         return Ok(preferred);

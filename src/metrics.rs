@@ -46,6 +46,8 @@ pub struct Metrics {
     pub usage_written: IntCounter,
     /// Usage records the store refused for their content, moved to the dead-letter file.
     pub usage_dead_letters: IntCounter,
+    /// Paid Stripe checkouts that credited no wallet (kept for an operator).
+    pub stripe_unmatched: IntCounter,
     /// 1 while the spool accepts records, 0 while it cannot (disk full, read-only): paid
     /// requests are then refused with 503 before they are forwarded.
     pub spool_writable: IntGauge,
@@ -163,6 +165,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Usage records the store refused for their content, moved to the spool's dead-letter file."
         )
         .expect("register komilion_usage_dead_letters_total"),
+        stripe_unmatched: register_int_counter!(
+            "komilion_stripe_unmatched_total",
+            "Paid Stripe checkouts that credited no wallet (unknown account, other currency); see GET /admin/v1/payments/unmatched."
+        )
+        .expect("register komilion_stripe_unmatched_total"),
         spool_writable: register_int_gauge!(
             "komilion_usage_spool_writable",
             "1 while the usage spool accepts records; 0 while paid requests are refused for it."

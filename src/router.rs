@@ -17,11 +17,17 @@ pub struct ModelTable {
     order: Vec<String>,
     /// Provider name → whether it lists its models (if not, `provider/anything` is allowed).
     providers: HashMap<String, bool>,
+    /// When this table was built (Unix seconds): `/v1/models` says it as each model's
+    /// `created`, a real time where SDKs parse one, as no provider config says more.
+    pub created: i64,
 }
 
 impl ModelTable {
     pub fn new(providers: &[ProviderConfig]) -> ModelTable {
-        let mut table = ModelTable::default();
+        let mut table = ModelTable {
+            created: chrono::Utc::now().timestamp(),
+            ..ModelTable::default()
+        };
         for p in providers {
             table.providers.insert(p.name.clone(), !p.models.is_empty());
             for m in &p.models {
@@ -46,6 +52,17 @@ impl ModelTable {
     }
 
     /// The default plan for a requested model.
+    /// The model as a metric label: a model of the config or the catalog names itself; any
+    /// other (a pass-through name a client chose) is `other`, so clients cannot grow the
+    /// metric's series without bound.
+    pub fn metric_label<'a>(&self, model: &'a str, pricing: &crate::billing::pricing::Pricing) -> &'a str {
+        if model.is_empty() || self.models.contains_key(model) || pricing.model(model).is_some() {
+            model
+        } else {
+            "other"
+        }
+    }
+
     pub fn plan(&self, requested: &str, principal: Option<&Principal>) -> Result<RoutePlan, ApiError> {
         let allowed = |m: &str| principal.is_none_or(|p| p.may_use(m) || p.may_use(requested));
         if let Some(providers) = self.models.get(requested) {
@@ -94,6 +111,28 @@ providers:
   - {name: open, kind: openai, base_url: "http://127.0.0.1:3/v1", api_key: k}
 "#;
         ModelTable::new(&Config::from_yaml(yaml, &|_| None).unwrap().providers)
+    }
+
+    #[test]
+    fn a_pass_through_model_is_never_its_own_metric_label() {
+        let yaml = r#"
+providers:
+  - {name: a, kind: openai, base_url: "http://127.0.0.1:1/v1", api_key: k, models: [house-model]}
+  - {name: open, kind: openai, base_url: "http://127.0.0.1:3/v1", api_key: k}
+"#;
+        let config = Config::from_yaml(yaml, &|_| None).unwrap();
+        let table = ModelTable::new(&config.providers);
+        let pricing = crate::billing::pricing::Pricing::new(config.catalog.clone(), &config.providers);
+        assert_eq!(table.metric_label("house-model", &pricing), "house-model");
+        assert_eq!(
+            table.metric_label("gpt-4o-mini", &pricing),
+            "gpt-4o-mini",
+            "a catalog model"
+        );
+        for chosen in ["anything-1", "anything-2\u{0}"] {
+            assert!(table.plan(&format!("open/{chosen}"), None).is_ok());
+            assert_eq!(table.metric_label(chosen, &pricing), "other");
+        }
     }
 
     fn providers(plan: &RoutePlan) -> Vec<(&str, &str)> {

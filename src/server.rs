@@ -39,6 +39,37 @@ pub enum BuildError {
     Secrets(#[from] crate::secrets::SecretsError),
     #[error("{0}")]
     Spool(#[from] crate::usage::spool::SpoolError),
+    #[error("cannot listen on {addr} ({what}): {reason}; is another komilion or another server already there?")]
+    Listen {
+        addr: String,
+        what: &'static str,
+        reason: std::io::Error,
+    },
+}
+
+/// Refuse to start on an address something already listens on. Pingora binds its listeners
+/// with `SO_REUSEPORT`, so a second gateway on a taken port would bind as well and the kernel
+/// would split connections between the two processes; a plain bind (without it) fails instead.
+/// Skipped for a graceful upgrade, whose listeners come from the old process.
+pub fn check_listeners_free(config: &Config) -> Result<(), BuildError> {
+    let mut listeners: Vec<(&str, &'static str)> = config
+        .listen
+        .gateway
+        .iter()
+        .map(|a| (a.as_str(), "listen.gateway"))
+        .collect();
+    listeners.extend(config.listen.metrics.as_deref().map(|a| (a, "listen.metrics")));
+    listeners.extend(config.admin.as_ref().map(|a| (a.listen.as_str(), "admin.listen")));
+    for (addr, what) in listeners {
+        if let Err(reason) = std::net::TcpListener::bind(addr) {
+            return Err(BuildError::Listen {
+                addr: addr.to_owned(),
+                what,
+                reason,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Pingora's process settings from ours.
@@ -117,6 +148,9 @@ pub fn build_server(config: &Config, mut opt: Opt) -> Result<Server, BuildError>
     // Our config file is not Pingora's: hand Pingora its settings directly.
     opt.conf = None;
     let conf = server_conf(config);
+    if !opt.upgrade {
+        check_listeners_free(config)?;
+    }
     if let Some(url) = &config.store {
         check_store(url)?;
     }

@@ -7,7 +7,7 @@ use common::*;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use komilion::mock_provider::Behavior;
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -145,6 +145,114 @@ async fn stripe_checkouts_credit_the_wallet_exactly_once() {
         .call(Method::GET, &format!("/accounts/{account}/wallet"), None)
         .await;
     assert_eq!(wallet["balance_usd"], "12.5");
+}
+
+/// Money received for nobody is kept, not dropped; only an explicit "paid" credits; a delayed
+/// payment credits when it succeeds, once per session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripe_payments_are_never_dropped_nor_credited_twice() {
+    let (_db, url) = sqlite_url();
+    let mock = mock_provider(Behavior::default()).await;
+    let secret = "whsec_test_0123456789";
+    let (gw, admin) = GatewayProcess::with_store(
+        &[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])],
+        &url,
+        STORE_PLUGINS,
+        &format!("stripe:\n  webhook_secret: \"{secret}\"\n"),
+    );
+    let (account, _, _) = admin.account_with_key(json!({"name": "payer"}), None).await;
+    let deliver = |id: &str, kind: &str, session: Value| {
+        let payload = serde_json::to_vec(&json!({
+            "id": id, "object": "event", "type": kind, "data": {"object": session}
+        }))
+        .unwrap();
+        let signature = komilion::billing::stripe::sign(&payload, secret, now());
+        let url = gw.url("/webhooks/stripe");
+        async move {
+            let resp = http()
+                .post(url)
+                .header("stripe-signature", signature)
+                .body(payload)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+    };
+    let session = |id: &str, account: &str, status: Option<&str>| {
+        let mut s = json!({"id": id, "object": "checkout.session", "amount_total": 500, "currency": "usd",
+                           "metadata": {"account_id": account}});
+        if let Some(status) = status {
+            s["payment_status"] = json!(status);
+        }
+        s
+    };
+    let balance = || async { admin.wallet(&account).await["balance_usd"].clone() };
+
+    // No payment_status: not paid.
+    deliver("evt_a", "checkout.session.completed", session("cs_a", &account, None)).await;
+    // A delayed method: unpaid at completion, paid later; credited once, at the later event.
+    deliver(
+        "evt_b1",
+        "checkout.session.completed",
+        session("cs_b", &account, Some("unpaid")),
+    )
+    .await;
+    assert_eq!(balance().await, "0");
+    deliver(
+        "evt_b2",
+        "checkout.session.async_payment_succeeded",
+        session("cs_b", &account, Some("paid")),
+    )
+    .await;
+    assert_eq!(balance().await, "5");
+    deliver(
+        "evt_b2",
+        "checkout.session.async_payment_succeeded",
+        session("cs_b", &account, Some("paid")),
+    )
+    .await;
+    assert_eq!(balance().await, "5", "a retried delivery credits nothing");
+
+    // Paid for an account that does not exist (or none named): kept for an operator.
+    deliver(
+        "evt_c",
+        "checkout.session.completed",
+        session("cs_c", "acct_gone", Some("paid")),
+    )
+    .await;
+    deliver(
+        "evt_c",
+        "checkout.session.completed",
+        session("cs_c", "acct_gone", Some("paid")),
+    )
+    .await;
+    let mut nameless = session("cs_d", "", Some("paid"));
+    nameless["metadata"] = json!({});
+    deliver("evt_d", "checkout.session.completed", nameless).await;
+    let (status, unmatched) = admin.call(Method::GET, "/payments/unmatched", None).await;
+    assert_eq!(status, 200, "{unmatched}");
+    let mut rows: Vec<(String, Option<String>, i64)> = unmatched["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["event_id"].as_str().unwrap().to_owned(),
+                r["account_ref"].as_str().map(str::to_owned),
+                r["amount_nano_usd"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    rows.sort();
+    assert_eq!(
+        rows,
+        [
+            ("evt_c".to_owned(), Some("acct_gone".to_owned()), 5_000_000_000),
+            ("evt_d".to_owned(), None, 5_000_000_000)
+        ]
+    );
+    gw.metric_until("komilion_stripe_unmatched_total", |v| v == 2.0).await;
 }
 
 #[test]

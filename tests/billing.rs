@@ -626,3 +626,157 @@ async fn a_30_second_store_outage_under_load_loses_nothing() {
     );
     assert!(ids.len() > 100, "under load: {} requests", ids.len());
 }
+
+/// A chat body with a client-set output cap.
+fn capped_body(model: &str, max_tokens: u64) -> Value {
+    json!({"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+async fn post_json(gw: &GatewayProcess, key: &str, body: &Value) -> (u16, Value) {
+    let resp = http()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .expect("gateway answers");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// One request the wallet cannot cover is refused alone: the next affordable request, on this
+/// instance or another, is served at once (not after the leases went idle).
+async fn no_false_402(store_url: &str, instances: usize) {
+    let mock = mock_provider(Behavior::default()).await;
+    let providers = [ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])];
+    let mut gateways = Vec::new();
+    for _ in 0..instances {
+        gateways.push(GatewayProcess::with_store(&providers, store_url, STORE_PLUGINS, ""));
+    }
+    let admin = gateways[0].1.clone();
+    let (_, _, secret) = admin.account_with_key(json!({"name": "f"}), Some("1")).await;
+    // 2,000,000 output tokens of gpt-4o-mini cost $1.20.
+    let big = capped_body("gpt-4o-mini", 2_000_000);
+    let small = capped_body("gpt-4o-mini", 16);
+    for round in 0..3 {
+        for (i, (gw, _)) in gateways.iter().enumerate() {
+            let (status, body) = post_json(gw, &secret, &big).await;
+            assert_eq!(status, 402, "round {round}, instance {i}: {body}");
+            for (j, (other, _)) in gateways.iter().enumerate() {
+                let (status, body) = post_json(other, &secret, &small).await;
+                assert_eq!(status, 200, "round {round}: after a 402 on {i}, instance {j}: {body}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_hold_does_not_refuse_the_next_request_on_sqlite() {
+    let (_db, url) = sqlite_url();
+    no_false_402(&url, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_hold_does_not_refuse_the_next_request_across_two_instances_on_postgres() {
+    let url = pg_schema_url().await;
+    no_false_402(&url, 2).await;
+}
+
+/// A model without a price is never served at $0 by accident: refused to wallet-billed keys
+/// unless the provider prices it or opts into `unpriced: free`; `komilion check` warns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_without_a_price_is_refused_unless_the_provider_opts_in() {
+    let (_db, url) = sqlite_url();
+    let mock = mock_provider(Behavior::default()).await;
+    let providers = [
+        ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini", "house-model"]),
+        ProviderSpec::new("free", mock.base_url(), &["house-free"]).with("    unpriced: free\n"),
+        ProviderSpec::new("priced", mock.base_url(), &["house-priced"])
+            .with("    prices:\n      house-priced: {input_per_mtok: \"1.5\", output_per_mtok: \"2\"}\n"),
+        // Lists no models: passes `open/<anything>` through.
+        ProviderSpec::new("open", mock.base_url(), &[]),
+    ];
+    let (gw, admin) = GatewayProcess::with_store(&providers, &url, STORE_PLUGINS, "");
+    let (account, _, secret) = admin.account_with_key(json!({"name": "u"}), Some("1")).await;
+
+    for model in ["house-model", "open/anything-else"] {
+        let (status, body) = post_json(&gw, &secret, &chat_body(model, "hi", false)).await;
+        assert_eq!(status, 400, "{model}: {body}");
+        assert_eq!(body["error"]["code"], "model_not_priced", "{body}");
+        assert_eq!(body["error"]["param"], "model", "{body}");
+    }
+    assert_eq!(mock.request_count(), 0, "nothing unpriced was forwarded");
+    for model in ["gpt-4o-mini", "house-free", "house-priced"] {
+        let (status, body) = post_json(&gw, &secret, &chat_body(model, "hi", false)).await;
+        assert_eq!(status, 200, "{model}: {body}");
+    }
+    let records = admin
+        .usage_until(&account, |r| r.iter().filter(|x| x["status"] == 200).count() == 3)
+        .await;
+    let cost = |model: &str| {
+        let r = records.iter().find(|r| r["model"] == model).unwrap();
+        let expected = komilion::money::token_cost(r["input_tokens"].as_u64().unwrap(), 1_500_000_000)
+            + komilion::money::token_cost(r["output_tokens"].as_u64().unwrap(), 2_000_000_000);
+        (r["cost_nano_usd"].as_i64().unwrap(), expected)
+    };
+    let (charged, expected) = cost("house-priced");
+    assert!(charged > 0);
+    assert_eq!(charged, expected, "the provider's own price");
+    assert_eq!(cost("house-free").0, 0, "opted in to $0");
+
+    let check = std::process::Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&gw.config_path)
+        .env("TEST_PROVIDER_KEY", PROVIDER_KEY)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&check.stdout).into_owned() + &String::from_utf8_lossy(&check.stderr);
+    assert!(check.status.success(), "{out}");
+    let warnings: Vec<&str> = out.lines().filter(|l| l.starts_with("warning:")).collect();
+    assert_eq!(warnings.len(), 2, "{out}");
+    assert!(warnings[0].contains("house-model"), "{out}");
+    assert!(warnings[1].contains("`open` passes any model through"), "{out}");
+}
+
+/// The hold covers what the provider will honour: the larger of the two output caps, and a
+/// body whose keys repeat (read one way by us, another by the provider) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hold_uses_the_larger_output_cap_and_repeated_keys_are_refused() {
+    let (_db, url) = sqlite_url();
+    let mock = mock_provider(Behavior::default()).await;
+    let (gw, admin) = GatewayProcess::with_store(
+        &[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])],
+        &url,
+        STORE_PLUGINS,
+        "",
+    );
+    let (_, _, secret) = admin.account_with_key(json!({"name": "d"}), Some("1")).await;
+    let raw = |body: &'static str| {
+        let url = gw.url("/v1/chat/completions");
+        let secret = secret.clone();
+        async move {
+            let resp = http()
+                .post(url)
+                .bearer_auth(secret)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = raw(
+        r#"{"model":"gpt-4o-mini","max_tokens":1,"max_tokens":2000000,"messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "duplicate_key", "{body}");
+    // 2,000,000 output tokens cost $1.20: more than the wallet, whichever field says it.
+    let (status, body) = raw(
+        r#"{"model":"gpt-4o-mini","max_tokens":16,"max_completion_tokens":2000000,"messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    assert_eq!(status, 402, "{body}");
+    assert_eq!(mock.request_count(), 0);
+}

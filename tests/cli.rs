@@ -202,3 +202,42 @@ async fn the_simulated_provider_runs_on_its_own() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A second gateway on a port another one listens on exits with a clear error instead of
+/// sharing the port (Pingora's SO_REUSEPORT would let it, and split the traffic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_and_demo_refuse_a_port_that_is_taken() {
+    let mock = mock_provider(Default::default()).await;
+    let gw = GatewayProcess::start(&[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])], "");
+    let (_dir, path) = write_config(&format!(
+        "listen:\n  gateway: [\"127.0.0.1:{}\"]\n  metrics: \"127.0.0.1:{}\"\nproviders: []\n",
+        gw.port,
+        free_port()
+    ));
+    let out = Command::new(BIN).args(["serve", "-c"]).arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{} (listen.gateway)", gw.port)),
+        "{stderr}"
+    );
+
+    let out = Command::new(BIN)
+        .args([
+            "demo",
+            "--port",
+            &gw.port.to_string(),
+            "--metrics-port",
+            &free_port().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{}", gw.port)),
+        "{stderr}"
+    );
+    // The first gateway still answers.
+    assert_eq!(http_status(gw.metrics_port, "/health"), Some(200));
+}

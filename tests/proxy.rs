@@ -184,6 +184,12 @@ async fn models_are_listed_for_the_caller() {
     let list = openai_client(&gw, CLIENT_KEY).models().list().await.unwrap();
     let ids: Vec<_> = list.data.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids, ["gpt-4o-mini", "gpt-4o"]);
+    let year_2020 = 1_577_836_800;
+    assert!(
+        list.data.iter().all(|m| m.created > year_2020),
+        "`created` is a real time: {:?}",
+        list.data.iter().map(|m| m.created).collect::<Vec<_>>()
+    );
     let resp = http().get(gw.url("/v1/models")).send().await.unwrap();
     assert_eq!(resp.status(), 401);
 }

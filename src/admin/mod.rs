@@ -157,6 +157,7 @@ impl AdminApi {
                 ops::delete_provider_key(store, id, provider).await?;
                 Ok((204, None))
             }
+            (&M::GET, ["payments", "unmatched"]) => Ok((200, Some(ops::unmatched_payments(store).await?))),
             _ => Err(OpError::NotFound(format!("no route {method} {}", uri.path()))),
         }
     }

@@ -228,6 +228,12 @@ pub async fn revoke_key(store: &dyn Store, key_id: &str) -> Result<(), OpError> 
     Ok(store.revoke_key(key_id).await?)
 }
 
+/// Paid top-ups that credited no wallet, newest first (the last 1,000).
+pub async fn unmatched_payments(store: &dyn Store) -> OpResult {
+    let payments = store.unmatched_payments(1000).await?;
+    Ok(json!({"object": "list", "data": payments}))
+}
+
 pub async fn wallet(store: &dyn Store, account_id: &str) -> OpResult {
     Ok(wallet_json(&store.wallet(account_id).await?))
 }

@@ -2,12 +2,19 @@
 //!
 //! The `Stripe-Signature` header (`t=<unix time>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">`, one
 //! or more `v1`) is checked against the endpoint's signing secret in constant time, with a
-//! timestamp tolerance against replays. A `checkout.session.completed` event that is paid, in
-//! USD, credits the account named in `metadata.account_id` by `amount_total` cents, once per
-//! event id: Stripe retries deliveries, and a replay is a no-op. Other events are acknowledged
-//! and ignored.
+//! timestamp tolerance against replays. A Checkout Session that is paid, in USD, credits the
+//! account named in `metadata.account_id` by `amount_total` cents, once per session: card
+//! payments arrive paid in `checkout.session.completed`, delayed methods (bank debits) arrive
+//! unpaid there and paid in `checkout.session.async_payment_succeeded`, and Stripe retries
+//! deliveries; crediting per session id makes every replay and every second event a no-op. A
+//! session without `payment_status: "paid"` credits nothing.
+//!
+//! A paid session that cannot be credited (no or unknown account, another currency) is money
+//! received for nobody: it is kept in the store's unmatched payments, counted in
+//! `komilion_stripe_unmatched_total` and logged as an error, for an operator to settle.
 
-use crate::store::{Store, StoreError};
+use crate::metrics::METRICS;
+use crate::store::{Store, StoreError, UnmatchedPayment};
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
@@ -94,6 +101,9 @@ struct EventData {
     object: serde_json::Value,
 }
 
+/// The events that can carry a paid Checkout Session.
+const PAYMENT_EVENTS: [&str; 2] = ["checkout.session.completed", "checkout.session.async_payment_succeeded"];
+
 /// What handling an event did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -101,45 +111,86 @@ pub enum Outcome {
         account_id: String,
         amount_nano_usd: i64,
     },
-    /// The event id was seen before: nothing done.
+    /// The session was credited before: nothing done.
     Replay,
+    /// Paid, but for no account the gateway can credit: kept for an operator.
+    Unmatched(String),
     Ignored(&'static str),
 }
 
 /// Handle a verified event.
 pub async fn handle_event(store: &dyn Store, payload: &[u8]) -> Result<Outcome, WebhookError> {
     let event: Event = serde_json::from_slice(payload).map_err(|e| WebhookError::BadEvent(e.to_string()))?;
-    if event.kind != "checkout.session.completed" {
-        return Ok(Outcome::Ignored("not a completed checkout"));
+    if !PAYMENT_EVENTS.contains(&event.kind.as_str()) {
+        return Ok(Outcome::Ignored("not a Checkout Session payment"));
     }
     let session = &event.data.object;
-    if session["payment_status"].as_str().is_some_and(|s| s != "paid") {
+    // Only an explicit "paid" is a payment: "unpaid" (a delayed method still pending),
+    // "no_payment_required" and a missing field are not.
+    if session["payment_status"].as_str() != Some("paid") {
         return Ok(Outcome::Ignored("not paid"));
     }
-    if !session["currency"]
-        .as_str()
-        .is_some_and(|c| c.eq_ignore_ascii_case("usd"))
-    {
-        return Ok(Outcome::Ignored("not in USD"));
-    }
-    let Some(account_id) = session["metadata"]["account_id"].as_str() else {
-        return Ok(Outcome::Ignored("no metadata.account_id"));
-    };
     let Some(cents) = session["amount_total"].as_i64().filter(|c| *c > 0) else {
         return Ok(Outcome::Ignored("no positive amount_total"));
     };
+    let currency = session["currency"].as_str().unwrap_or("");
+    let account_ref = session["metadata"]["account_id"].as_str();
     let amount = cents
         .checked_mul(NANOS_PER_CENT)
         .ok_or(WebhookError::BadEvent("amount out of range".into()))?;
-    match store.credit(account_id, amount, "stripe", &event.id).await {
+    let unmatched = |reason: String| UnmatchedPayment {
+        event_id: event.id.clone(),
+        event_type: event.kind.clone(),
+        account_ref: account_ref.map(|a| a.chars().take(64).collect()),
+        amount_nano_usd: if currency.eq_ignore_ascii_case("usd") {
+            amount
+        } else {
+            0
+        },
+        reason,
+        received_at: chrono::Utc::now(),
+    };
+    if !currency.eq_ignore_ascii_case("usd") {
+        let reason = format!("paid {cents} in the smallest unit of `{}`, not USD", bounded(currency));
+        return keep_unmatched(store, unmatched(reason)).await;
+    }
+    let Some(account_id) = account_ref else {
+        return keep_unmatched(store, unmatched("no metadata.account_id".into())).await;
+    };
+    // One credit per session, whichever of its events (or their retries) arrives.
+    let reference = session["id"].as_str().unwrap_or(&event.id);
+    match store.credit(account_id, amount, "stripe", reference).await {
         Ok((_, true)) => Ok(Outcome::Credited {
             account_id: account_id.to_owned(),
             amount_nano_usd: amount,
         }),
         Ok((_, false)) => Ok(Outcome::Replay),
-        Err(StoreError::NotFound(_)) => Ok(Outcome::Ignored("unknown account")),
+        Err(StoreError::NotFound(_)) => keep_unmatched(store, unmatched("unknown account".into())).await,
         Err(e) => Err(WebhookError::Store(e)),
     }
+}
+
+async fn keep_unmatched(store: &dyn Store, payment: UnmatchedPayment) -> Result<Outcome, WebhookError> {
+    let new = store
+        .keep_unmatched_payment(&payment)
+        .await
+        .map_err(WebhookError::Store)?;
+    if new {
+        METRICS.stripe_unmatched.inc();
+        tracing::error!(
+            event_id = %payment.event_id,
+            account_ref = payment.account_ref.as_deref().unwrap_or(""),
+            amount_nano_usd = payment.amount_nano_usd,
+            "a paid Stripe checkout credited no wallet ({}); kept in the unmatched payments for an operator",
+            payment.reason
+        );
+    }
+    Ok(Outcome::Unmatched(payment.reason))
+}
+
+/// A client-controlled string cut for a log line or a stored reason.
+fn bounded(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control()).take(16).collect()
 }
 
 #[cfg(test)]

@@ -158,7 +158,7 @@ impl Gateway {
         if ex.usage.input_tokens + ex.usage.output_tokens > 0 {
             let labels = [
                 ex.provider.as_deref().unwrap_or(""),
-                model,
+                self.models.metric_label(model, &self.pricing),
                 ex.task.as_deref().unwrap_or(""),
             ];
             METRICS

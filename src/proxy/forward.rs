@@ -96,6 +96,28 @@ impl AttemptError {
     }
 }
 
+/// Headers of a provider's answer passed on to the client: the ones SDKs read (the request id
+/// they expose, rate-limit state, how long to wait before a retry) and nothing else, so no
+/// hop-by-hop header, cookie or credential of the provider ever reaches a client.
+pub type ProviderHeaders = Vec<(http::HeaderName, http::HeaderValue)>;
+
+/// Whether the client gets this header of the provider's answer.
+fn passed_to_client(name: &str) -> bool {
+    matches!(
+        name,
+        "x-request-id" | "retry-after" | "retry-after-ms" | "openai-processing-ms"
+    ) || name.starts_with("x-ratelimit-")
+}
+
+fn provider_headers(header: &pingora::http::ResponseHeader) -> ProviderHeaders {
+    header
+        .headers
+        .iter()
+        .filter(|(name, _)| passed_to_client(name.as_str()))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect()
+}
+
 /// What an attempt produced.
 enum Answer {
     /// A complete non-streamed answer (JSON, or an error of any status).
@@ -103,6 +125,7 @@ enum Answer {
         status: u16,
         content_type: String,
         body: Bytes,
+        headers: ProviderHeaders,
     },
     /// A stream that has started.
     Stream(Box<StartedStream>),
@@ -111,6 +134,7 @@ enum Answer {
 /// A stream's first bytes and the open connection it continues on.
 struct StartedStream {
     content_type: String,
+    headers: ProviderHeaders,
     first: Bytes,
     http: HttpSession,
     peer: HttpPeer,
@@ -191,7 +215,9 @@ impl Gateway {
                     status,
                     content_type,
                     body,
+                    headers,
                 } => {
+                    ctx.provider_headers = headers;
                     if (200..300).contains(&status) {
                         ctx.exchange.usage =
                             usage_from_body(&body).unwrap_or_else(|| estimate_whole(chat, &candidate.model, &body));
@@ -231,7 +257,7 @@ impl Gateway {
             .with_label_values(&[upstream.name()])
             .observe(ttfb.as_secs_f64());
 
-        let (status, content_type) = match http.response_header() {
+        let (status, content_type, headers) = match http.response_header() {
             Some(h) => (
                 h.status.as_u16(),
                 h.headers
@@ -239,6 +265,7 @@ impl Gateway {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("application/json")
                     .to_owned(),
+                provider_headers(h),
             ),
             None => {
                 return Err(AttemptError::Lost(pingora::Error::explain(
@@ -252,6 +279,7 @@ impl Gateway {
             let first = read_piece(&mut http, idle, timing).await?.unwrap_or_default();
             return Ok(Answer::Stream(Box::new(StartedStream {
                 content_type,
+                headers,
                 first,
                 http,
                 peer,
@@ -266,6 +294,7 @@ impl Gateway {
             status,
             content_type,
             body: body.finish(),
+            headers,
         })
     }
 
@@ -324,10 +353,12 @@ impl Gateway {
     ) {
         let StartedStream {
             content_type,
+            headers,
             first,
             mut http,
             peer,
         } = started;
+        ctx.provider_headers = headers;
         let Some(mut resp) = self.response_header(ctx, 200, &content_type) else {
             return;
         };

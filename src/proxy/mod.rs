@@ -68,6 +68,8 @@ pub struct RequestCtx {
     pub hold: Option<crate::billing::wallet::Hold>,
     /// The usage record was written.
     pub recorded: bool,
+    /// Headers of the provider's answer that the client gets too (see [`forward`]).
+    pub provider_headers: forward::ProviderHeaders,
     _in_flight: InFlight,
 }
 
@@ -95,6 +97,7 @@ impl ProxyHttp for Gateway {
             client_gone: false,
             hold: None,
             recorded: false,
+            provider_headers: Vec::new(),
             _in_flight: InFlight::enter(),
         }
     }
@@ -153,7 +156,8 @@ impl ProxyHttp for Gateway {
             .with_label_values(&[
                 route,
                 ex.provider.as_deref().unwrap_or(""),
-                ex.routed_model.as_deref().unwrap_or(""),
+                self.models
+                    .metric_label(ex.routed_model.as_deref().unwrap_or(""), &self.pricing),
                 status_buf.format(status),
             ])
             .inc();
@@ -259,7 +263,9 @@ impl Gateway {
         let data: Vec<serde_json::Value> = self
             .models
             .list(ctx.exchange.principal.as_ref())
-            .map(|(id, provider)| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": provider}))
+            .map(|(id, provider)| {
+                serde_json::json!({"id": id, "object": "model", "created": self.models.created, "owned_by": provider})
+            })
             .collect();
         let body = serde_json::to_vec(&serde_json::json!({"object": "list", "data": data}))
             .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;

@@ -20,8 +20,14 @@ impl Gateway {
     ) -> Option<Box<ResponseHeader>> {
         let mut head = ResponseHead::new(status);
         self.chain.on_response(&mut head, &ctx.exchange);
-        let mut resp = ResponseHeader::build(status, Some(4 + head.headers.len())).ok()?;
+        let size = 4 + head.headers.len() + ctx.provider_headers.len();
+        let mut resp = ResponseHeader::build(status, Some(size)).ok()?;
         resp.insert_header(http::header::CONTENT_TYPE, content_type).ok()?;
+        // The provider's first; a plugin's header of the same name replaces it (the gateway's
+        // own rate limits are what this client is held to).
+        for (name, value) in &ctx.provider_headers {
+            resp.insert_header(name.clone(), value.clone()).ok()?;
+        }
         for (name, value) in head.headers.iter() {
             resp.insert_header(name.clone(), value.clone()).ok()?;
         }
@@ -79,6 +85,8 @@ impl Gateway {
                 let mut extra = Vec::new();
                 if let Some(secs) = e.retry_after_secs {
                     extra.push(("retry-after", secs.to_string()));
+                    let ms = e.retry_after_ms.unwrap_or(secs.saturating_mul(1000));
+                    extra.push(("retry-after-ms", ms.to_string()));
                 }
                 self.send_body_with(session, ctx, e.status(), "application/json", body, &extra)
                     .await;

@@ -65,6 +65,8 @@ impl Gateway {
                         tracing::info!(account_id, amount_nano_usd, "Stripe top-up credited")
                     }
                     Outcome::Replay => tracing::info!("Stripe event replayed; nothing done"),
+                    // Logged with its details where it was kept.
+                    Outcome::Unmatched(_) => {}
                     Outcome::Ignored(why) => tracing::info!("Stripe event ignored: {why}"),
                 }
                 let body =

@@ -1,12 +1,19 @@
 //! The store as plugins see it: [`KeyLookup`] and [`AccountLookup`] behind moka caches, so a
 //! warm key costs no store round trip. Entries are dropped when the store announces a change
 //! (LISTEN/NOTIFY on PostgreSQL), and expire anyway after [`POSITIVE_TTL`] as a safety net.
+//!
+//! A change can land while a cold lookup of the same key is in flight: the lookup read the key
+//! before the change, the change's notice found nothing cached to drop, and the lookup would
+//! then cache what it read for a full TTL (a revoked key working for another minute). Every
+//! notice moves a generation counter; a lookup that saw it move reads again and caches nothing.
 
 use super::{AccountStatus, Store, StoreError, StoreEvent};
 use async_trait::async_trait;
 use komilion_sdk::{AccountLookup, KeyGrant, KeyLookup, Principal, StoreUnavailable};
 use moka::future::Cache;
 use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -35,6 +42,16 @@ pub struct StoreCache {
     accounts: Cache<String, Option<bool>>,
     /// Key ids used since the last flush of `last_used_at`.
     used: Mutex<HashSet<String>>,
+    /// Moves on every change notice (see the module docs).
+    generation: AtomicU64,
+}
+
+/// Why a cold key lookup cached nothing.
+#[derive(Debug, Clone)]
+enum Uncached {
+    Unavailable(StoreUnavailable),
+    /// A change notice arrived while the key was read: what was read may predate it.
+    Raced,
 }
 
 impl StoreCache {
@@ -50,6 +67,7 @@ impl StoreCache {
                 .time_to_live(POSITIVE_TTL)
                 .build(),
             used: Mutex::new(HashSet::new()),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -59,6 +77,7 @@ impl StoreCache {
 
     /// Apply a change notice.
     pub async fn apply(&self, event: &StoreEvent) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         match event {
             StoreEvent::Key(digest) => self.keys.invalidate(digest).await,
             StoreEvent::Account(id) => {
@@ -89,14 +108,42 @@ impl moka::Expiry<[u8; 32], Option<KeyGrant>> for TtlByOutcome {
     }
 }
 
+impl StoreCache {
+    /// A key's grant: from the cache, or read with `read` and cached unless a change notice
+    /// arrived meanwhile (then read again, after the change, and not cached).
+    async fn grant<F, Fut>(&self, digest: [u8; 32], read: F) -> Result<Option<KeyGrant>, StoreUnavailable>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Option<KeyGrant>, StoreUnavailable>>,
+    {
+        let cached = self
+            .keys
+            .try_get_with(digest, async {
+                let before = self.generation.load(Ordering::Acquire);
+                let grant = read().await.map_err(Uncached::Unavailable)?;
+                if self.generation.load(Ordering::Acquire) != before {
+                    return Err(Uncached::Raced);
+                }
+                Ok(grant)
+            })
+            .await;
+        match cached {
+            Ok(grant) => Ok(grant),
+            Err(e) => match &*e {
+                Uncached::Unavailable(e) => Err(e.clone()),
+                Uncached::Raced => read().await,
+            },
+        }
+    }
+}
+
 #[async_trait]
 impl KeyLookup for StoreCache {
     async fn lookup(&self, digest: [u8; 32]) -> Result<Option<KeyGrant>, StoreUnavailable> {
         let grant = self
-            .keys
-            .try_get_with(digest, async {
+            .grant(digest, || async {
                 let record = store(&self.slot)?.find_key(digest).await.map_err(unavailable)?;
-                Ok::<_, StoreUnavailable>(record.map(|r| KeyGrant {
+                Ok(record.map(|r| KeyGrant {
                     principal: Principal {
                         account_id: r.key.account_id,
                         key_id: r.key.id,
@@ -110,8 +157,7 @@ impl KeyLookup for StoreCache {
                     account_active: r.account_status == AccountStatus::Active,
                 }))
             })
-            .await
-            .map_err(|e: Arc<StoreUnavailable>| (*e).clone())?;
+            .await?;
         if let Some(g) = &grant {
             if let Ok(mut used) = self.used.lock() {
                 if !used.contains(&g.principal.key_id) {
@@ -136,5 +182,44 @@ impl AccountLookup for StoreCache {
             })
             .await
             .map_err(|e: Arc<StoreUnavailable>| (*e).clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn grant(revoked: bool) -> Option<KeyGrant> {
+        Some(KeyGrant {
+            principal: Principal::default(),
+            expires_at: None,
+            revoked,
+            account_active: true,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_key_revoked_during_its_cold_lookup_is_not_cached_as_valid() {
+        let cache = StoreCache::new(StoreSlot::default());
+        let digest = [7u8; 32];
+        let reads = AtomicUsize::new(0);
+        // The first read sees the key before its revocation, whose notice lands before the read
+        // returns; the store says revoked from then on.
+        let read = || async {
+            if reads.fetch_add(1, Ordering::SeqCst) == 0 {
+                cache.apply(&StoreEvent::Key(digest)).await;
+                return Ok(grant(false));
+            }
+            Ok(grant(true))
+        };
+        let first = cache.grant(digest, read).await.unwrap().unwrap();
+        assert!(first.revoked, "read again after the notice");
+        let again = cache.grant(digest, read).await.unwrap().unwrap();
+        assert!(again.revoked);
+        assert_eq!(reads.load(Ordering::SeqCst), 3, "the raced read was not cached");
+        // Without a notice in between, the answer is cached.
+        cache.grant(digest, read).await.unwrap();
+        assert_eq!(reads.load(Ordering::SeqCst), 3);
     }
 }

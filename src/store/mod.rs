@@ -124,6 +124,18 @@ pub struct KeyRecord {
     pub account_status: AccountStatus,
 }
 
+/// A payment event that could not be credited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnmatchedPayment {
+    pub event_id: String,
+    pub event_type: String,
+    /// What the event named as the account, if anything (at most 256 bytes).
+    pub account_ref: Option<String>,
+    pub amount_nano_usd: i64,
+    pub reason: String,
+    pub received_at: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Wallet {
     pub account_id: String,
@@ -267,6 +279,11 @@ pub trait Store: Send + Sync {
         kind: &str,
         reference: &str,
     ) -> StoreResult<(Wallet, bool)>;
+    /// Keep a paid top-up that credited no wallet (its account is unknown), for an operator to
+    /// settle by hand; a repeat of the same event is a no-op (returns `false`).
+    async fn keep_unmatched_payment(&self, payment: &UnmatchedPayment) -> StoreResult<bool>;
+    /// The payments kept by [`Store::keep_unmatched_payment`], newest first.
+    async fn unmatched_payments(&self, limit: u32) -> StoreResult<Vec<UnmatchedPayment>>;
 
     async fn put_provider_key(&self, account_id: &str, provider: &str, secret: &SealedSecret) -> StoreResult<()>;
     async fn get_provider_key(&self, account_id: &str, provider: &str) -> StoreResult<Option<SealedSecret>>;

@@ -584,6 +584,50 @@ impl Store for PgStore {
         })
     }
 
+    async fn keep_unmatched_payment(&self, p: &UnmatchedPayment) -> StoreResult<bool> {
+        let p = p.clone();
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "INSERT INTO stripe_unmatched (event_id, event_type, account_ref, amount_nano_usd, reason, received_at)
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
+                    &[&p.event_id, &p.event_type, &p.account_ref, &p.amount_nano_usd, &p.reason, &p.received_at],
+                )
+                .await
+                .map(|n| n == 1)
+                .map_err(pg_error)
+            })
+        })
+        .await
+    }
+
+    async fn unmatched_payments(&self, limit: u32) -> StoreResult<Vec<UnmatchedPayment>> {
+        self.with(move |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT event_id, event_type, account_ref, amount_nano_usd, reason, received_at
+                         FROM stripe_unmatched ORDER BY received_at DESC, event_id LIMIT $1",
+                        &[&i64::from(limit)],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| UnmatchedPayment {
+                        event_id: r.get(0),
+                        event_type: r.get(1),
+                        account_ref: r.get(2),
+                        amount_nano_usd: r.get(3),
+                        reason: r.get(4),
+                        received_at: r.get(5),
+                    })
+                    .collect())
+            })
+        })
+        .await
+    }
+
     async fn put_provider_key(&self, account_id: &str, provider: &str, secret: &SealedSecret) -> StoreResult<()> {
         let (account_id, provider, secret) = (account_id.to_owned(), provider.to_owned(), secret.clone());
         self.with(move |c| {

@@ -497,6 +497,52 @@ impl Store for SqliteStore {
         Ok(result)
     }
 
+    async fn keep_unmatched_payment(&self, p: &UnmatchedPayment) -> StoreResult<bool> {
+        let p = p.clone();
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO stripe_unmatched (event_id, event_type, account_ref, amount_nano_usd, reason, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (event_id) DO NOTHING",
+                params![
+                    p.event_id,
+                    p.event_type,
+                    p.account_ref,
+                    p.amount_nano_usd,
+                    p.reason,
+                    ms(p.received_at)
+                ],
+            )
+            .map(|n| n == 1)
+            .map_err(sql_error)
+        })
+        .await
+    }
+
+    async fn unmatched_payments(&self, limit: u32) -> StoreResult<Vec<UnmatchedPayment>> {
+        self.with(move |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT event_id, event_type, account_ref, amount_nano_usd, reason, received_at
+                     FROM stripe_unmatched ORDER BY received_at DESC, event_id LIMIT ?1",
+                )
+                .map_err(sql_error)?;
+            let rows = stmt
+                .query_map(params![limit], |r| {
+                    Ok(UnmatchedPayment {
+                        event_id: r.get(0)?,
+                        event_type: r.get(1)?,
+                        account_ref: r.get(2)?,
+                        amount_nano_usd: r.get(3)?,
+                        reason: r.get(4)?,
+                        received_at: time(r.get(5)?),
+                    })
+                })
+                .map_err(sql_error)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(sql_error)
+        })
+        .await
+    }
+
     async fn put_provider_key(&self, account_id: &str, provider: &str, secret: &SealedSecret) -> StoreResult<()> {
         let (account_id, provider, secret) = (account_id.to_owned(), provider.to_owned(), secret.clone());
         self.with(move |conn| {

@@ -51,15 +51,24 @@ pub struct ProviderSpec {
     pub base_url: String,
     pub models: Vec<String>,
     pub first_byte_ms: u64,
+    /// More keys of the provider entry, as YAML lines indented by four spaces.
+    pub extra: String,
 }
 
 impl ProviderSpec {
+    /// This provider entry with more YAML keys (each line indented by four spaces).
+    pub fn with(mut self, yaml: &str) -> ProviderSpec {
+        self.extra.push_str(yaml);
+        self
+    }
+
     pub fn new(name: &str, base_url: String, models: &[&str]) -> ProviderSpec {
         ProviderSpec {
             name: name.into(),
             base_url,
             models: models.iter().map(|m| m.to_string()).collect(),
             first_byte_ms: 10_000,
+            extra: String::new(),
         }
     }
 }
@@ -105,11 +114,12 @@ impl GatewayProcess {
         );
         for p in providers {
             yaml.push_str(&format!(
-                "  - name: {}\n    kind: openai\n    base_url: {}\n    api_key: ${{TEST_PROVIDER_KEY}}\n    models: [{}]\n    timeouts: {{connect_ms: 3000, first_byte_ms: {}, idle_ms: 10000}}\n",
+                "  - name: {}\n    kind: openai\n    base_url: {}\n    api_key: ${{TEST_PROVIDER_KEY}}\n    models: [{}]\n    timeouts: {{connect_ms: 3000, first_byte_ms: {}, idle_ms: 10000}}\n{}",
                 p.name,
                 p.base_url,
                 p.models.join(", "),
-                p.first_byte_ms
+                p.first_byte_ms,
+                p.extra
             ));
         }
         yaml.push_str(plugins);
@@ -486,5 +496,73 @@ impl Relay {
 
     pub fn restore(&self) {
         let _ = self.cut.send(false);
+    }
+}
+
+impl GatewayProcess {
+    /// A graceful upgrade as systemd's reload does it: start a new process with `-u` on the same
+    /// config, SIGQUIT the old one (it hands its listeners over and drains), and wait until the
+    /// old one has exited. `self` is the new process afterwards.
+    pub fn upgrade(&mut self) {
+        let sock = self.config_path.with_file_name("k.sock");
+        let _ = std::fs::remove_file(&sock);
+        let new = Command::new(BIN)
+            .args(["serve", "-u", "-c"])
+            .arg(&self.config_path)
+            .env("TEST_PROVIDER_KEY", PROVIDER_KEY)
+            .env("KOMILION_MASTER_KEY", TEST_MASTER_KEY)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn komilion -u");
+        // The new process listens on the upgrade socket once it is ready to take the fds.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !sock.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the new process never opened {}",
+                sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut old = std::mem::replace(&mut self.child, new);
+        let _ = Command::new("kill").args(["-QUIT", &old.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(_)) = old.try_wait() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the old process did not exit after SIGQUIT");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.wait_ready();
+    }
+
+    /// The value of a metric series (the first line starting with `series`), polled until
+    /// `check` holds or a generous deadline passes.
+    pub async fn metric_until(&self, series: &str, check: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = http()
+                .get(self.metrics_url())
+                .send()
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("metrics body");
+            let value = text
+                .lines()
+                .find(|l| l.starts_with(series) && l[series.len()..].starts_with([' ', '{']))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            if check(value) {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "{series} stayed at {value}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }

@@ -4,7 +4,10 @@
 //! `tpm` tokens. A request takes one from the first when its headers arrive and its estimated
 //! tokens (prompt, plus `max_tokens` if given) from the second once its body is read; when the
 //! answer reports real usage the difference is settled. An empty bucket means 429 with
-//! `retry-after` (seconds until enough refills) in the client's error format.
+//! `retry-after` / `retry-after-ms` (until enough refills) in the client's error format; a
+//! request whose tokens exceed the whole limit can never be served and gets a 400 instead (a
+//! 429 would have the client's SDK retry it for minutes in vain). Every response of a limited
+//! key carries OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers.
 //!
 //! Limits come from the key (`rpm_limit`, `tpm_limit`) or this plugin's defaults. They are kept
 //! in each instance's memory: with N instances behind a balancer, set `instances: N` and each
@@ -13,7 +16,7 @@
 
 use komilion_sdk::{
     settings_from, ApiError, ChatRequest, ConfigIssue, ErrorKind, Exchange, Flow, Hooks, Plugin, PluginServices,
-    PluginSettings, RequestView,
+    PluginSettings, RequestView, ResponseHead,
 };
 use moka::sync::Cache;
 use serde::Deserialize;
@@ -24,6 +27,9 @@ pub const NAME: &str = "rate_limit";
 
 /// The note left for `on_complete`: tokens taken at admission.
 const NOTE_TOKENS_TAKEN: &str = "rate_limit.tokens_taken";
+/// Notes left for `on_response`: each bucket's state as `limit remaining reset_ms`.
+const NOTE_REQUESTS: &str = "rate_limit.requests";
+const NOTE_TOKENS: &str = "rate_limit.tokens";
 
 #[derive(Debug, Deserialize)]
 #[serde(default)]
@@ -76,24 +82,41 @@ impl Bucket {
     }
 
     /// Take `amount`, or say how long until it could be taken.
-    fn take(&mut self, amount: f64, capacity: f64, now: Instant) -> Result<(), Duration> {
+    fn take(&mut self, amount: f64, capacity: f64, now: Instant) -> Result<(), Refusal> {
         self.refill(capacity, now);
         if amount > self.capacity {
-            // It will never fit: as OpenAI does, refuse outright; retry-after a full minute.
-            return Err(Duration::from_secs(60));
+            return Err(Refusal::NeverFits);
         }
         if self.level >= amount {
             self.level -= amount;
             return Ok(());
         }
         let per_sec = self.capacity / 60.0;
-        Err(Duration::from_secs_f64((amount - self.level) / per_sec))
+        Err(Refusal::Wait(Duration::from_secs_f64((amount - self.level) / per_sec)))
+    }
+
+    /// `limit remaining reset_ms` for the response headers: this instance's share scaled back to
+    /// the whole limit, and the time until the bucket is full again.
+    fn state(&self, limit: u32) -> String {
+        let scale = limit as f64 / self.capacity;
+        let remaining = (self.level.max(0.0) * scale).floor().min(limit as f64) as u64;
+        let reset_ms = ((self.capacity - self.level).max(0.0) / (self.capacity / 60.0) * 1000.0).ceil() as u64;
+        format!("{limit} {remaining} {reset_ms}")
     }
 
     /// Give back (or, with a negative amount, take more).
     fn adjust(&mut self, amount: f64) {
         self.level = (self.level + amount).min(self.capacity);
     }
+}
+
+/// Why a bucket refused.
+#[derive(Debug, PartialEq)]
+enum Refusal {
+    /// Enough refills after this long.
+    Wait(Duration),
+    /// More than the bucket ever holds.
+    NeverFits,
 }
 
 #[derive(Debug, Default)]
@@ -144,15 +167,43 @@ impl RateLimit {
 }
 
 fn too_many(what: &str, limit: u32, wait: Duration) -> Flow {
-    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    let ms = (wait.as_secs_f64() * 1000.0).ceil().max(1.0) as u64;
+    let secs = ms.div_ceil(1000);
     Flow::error(
         ApiError::new(
             ErrorKind::RateLimited,
             format!("Rate limit reached for {what} per minute (limit: {limit}). Please try again in {secs}s."),
         )
         .with_code("rate_limit_exceeded")
-        .with_retry_after(secs),
+        .with_retry_after_ms(ms),
     )
+}
+
+/// A request larger than the whole tokens-per-minute limit: no wait would let it through.
+fn never_fits(estimate: u64, limit: u32) -> Flow {
+    Flow::error(
+        ApiError::new(
+            ErrorKind::InvalidRequest,
+            format!(
+                "This request needs up to {estimate} tokens (its prompt plus max_tokens), more than this key's \
+                 limit of {limit} tokens per minute, so it can never be served; lower max_tokens or shorten the prompt."
+            ),
+        )
+        .with_code("tokens_exceed_limit")
+        .with_param("max_tokens"),
+    )
+}
+
+/// OpenAI's reset format: `250ms`, `1.5s`, `6m0s`.
+fn reset_text(ms: u64) -> String {
+    match ms {
+        0..1000 => format!("{ms}ms"),
+        1000..60_000 => {
+            let secs = ms as f64 / 1000.0;
+            format!("{}s", (secs * 10.0).round() / 10.0)
+        }
+        _ => format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000),
+    }
 }
 
 /// A cheap upper-range estimate of a prompt's tokens: about four bytes per token.
@@ -167,7 +218,7 @@ impl Plugin for RateLimit {
     }
 
     fn hooks(&self) -> Hooks {
-        Hooks::ON_HEADERS | Hooks::ON_BODY | Hooks::ON_COMPLETE
+        Hooks::ON_HEADERS | Hooks::ON_BODY | Hooks::ON_RESPONSE | Hooks::ON_COMPLETE
     }
 
     async fn on_headers(&self, _req: &RequestView, ex: &mut Exchange) -> Flow {
@@ -181,9 +232,13 @@ impl Plugin for RateLimit {
             return Flow::Continue;
         };
         let bucket = b.requests.get_or_insert_with(|| Bucket::new(cap, now));
-        match bucket.take(1.0, cap, now) {
+        let taken = bucket.take(1.0, cap, now);
+        ex.notes.push((NOTE_REQUESTS, bucket.state(rpm)));
+        match taken {
             Ok(()) => Flow::Continue,
-            Err(wait) => too_many("requests", rpm, wait),
+            Err(Refusal::Wait(wait)) => too_many("requests", rpm, wait),
+            // Cannot happen (a bucket holds at least one request); refuse for a full minute.
+            Err(Refusal::NeverFits) => too_many("requests", rpm, Duration::from_secs(60)),
         }
     }
 
@@ -199,12 +254,31 @@ impl Plugin for RateLimit {
             return Flow::Continue;
         };
         let bucket = b.tokens.get_or_insert_with(|| Bucket::new(cap, now));
-        match bucket.take(estimate as f64, cap, now) {
+        let taken = bucket.take(estimate as f64, cap, now);
+        ex.notes.push((NOTE_TOKENS, bucket.state(tpm)));
+        match taken {
             Ok(()) => {
                 ex.notes.push((NOTE_TOKENS_TAKEN, estimate.to_string()));
                 Flow::Continue
             }
-            Err(wait) => too_many("tokens", tpm, wait),
+            Err(Refusal::Wait(wait)) => too_many("tokens", tpm, wait),
+            Err(Refusal::NeverFits) => never_fits(estimate, tpm),
+        }
+    }
+
+    fn on_response(&self, head: &mut ResponseHead, ex: &Exchange) {
+        for (note, what) in [(NOTE_REQUESTS, "requests"), (NOTE_TOKENS, "tokens")] {
+            let Some(state) = ex.note(note) else { continue };
+            let mut parts = state.split(' ');
+            let (Some(limit), Some(remaining), Some(reset_ms)) = (parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
+            let reset = reset_text(reset_ms.parse().unwrap_or(0));
+            for (name, value) in [("limit", limit), ("remaining", remaining), ("reset", reset.as_str())] {
+                if let Ok(name) = http::HeaderName::try_from(format!("x-ratelimit-{name}-{what}")) {
+                    head.insert(name, value);
+                }
+            }
         }
     }
 
@@ -310,11 +384,52 @@ mod tests {
         ex.usage.output_tokens = 20;
         p.on_complete(&ex, 200).await;
         assert!(refused(&p.on_body(&req, &mut body(500), &mut exchange(None, Some(1000))).await).is_none());
-        // A request that can never fit is refused outright.
-        assert_eq!(
-            refused(&p.on_body(&req, &mut body(5000), &mut exchange(None, Some(1000))).await).map(|r| r.0),
-            Some(429)
-        );
+        // A request that can never fit is a 400 that says so, not a 429 the SDK retries.
+        match p.on_body(&req, &mut body(5000), &mut exchange(None, Some(1000))).await {
+            Flow::Respond(LocalResponse::Error(e)) => {
+                assert_eq!(e.status(), 400);
+                assert_eq!(e.code, Some("tokens_exceed_limit"));
+                assert_eq!(e.retry_after_secs, None);
+            }
+            _ => panic!("refused"),
+        }
+    }
+
+    #[tokio::test]
+    async fn every_response_of_a_limited_key_says_its_limits_as_openai_does() {
+        let p = RateLimit::new(RateLimitSettings::default()).unwrap();
+        let req = RequestView::new(Method::POST, "/", HeaderMap::new());
+        let mut ex = exchange(Some(2), None);
+        assert!(refused(&p.on_headers(&req, &mut ex).await).is_none());
+        let mut head = ResponseHead::new(200);
+        p.on_response(&mut head, &ex);
+        let h = |name: &str| head.headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(h("x-ratelimit-limit-requests").as_deref(), Some("2"));
+        assert_eq!(h("x-ratelimit-remaining-requests").as_deref(), Some("1"));
+        assert_eq!(h("x-ratelimit-reset-requests").as_deref(), Some("30s"));
+        assert_eq!(h("x-ratelimit-limit-tokens"), None, "no token limit, no token headers");
+
+        p.on_headers(&req, &mut exchange(Some(2), None)).await;
+        let mut ex = exchange(Some(2), None);
+        match p.on_headers(&req, &mut ex).await {
+            Flow::Respond(LocalResponse::Error(e)) => {
+                assert_eq!(e.status(), 429);
+                let ms = e.retry_after_ms.unwrap();
+                assert!((29_000..=30_000).contains(&ms), "{ms}");
+                assert_eq!(e.retry_after_secs, Some(30));
+            }
+            _ => panic!("refused"),
+        }
+        let mut head = ResponseHead::new(429);
+        p.on_response(&mut head, &ex);
+        assert_eq!(head.headers["x-ratelimit-remaining-requests"], "0");
+    }
+
+    #[test]
+    fn reset_times_read_as_openai_writes_them() {
+        assert_eq!(reset_text(250), "250ms");
+        assert_eq!(reset_text(1_500), "1.5s");
+        assert_eq!(reset_text(360_000), "6m0s");
     }
 
     #[test]

@@ -97,6 +97,8 @@ pub struct ApiError {
     pub param: Option<&'static str>,
     /// Seconds the client should wait, sent as `retry-after` (429, 503).
     pub retry_after_secs: Option<u64>,
+    /// The same wait to the millisecond, sent as `retry-after-ms` (OpenAI's SDKs prefer it).
+    pub retry_after_ms: Option<u64>,
 }
 
 impl ApiError {
@@ -107,6 +109,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             retry_after_secs: None,
+            retry_after_ms: None,
         }
     }
 
@@ -117,6 +120,14 @@ impl ApiError {
 
     pub fn with_param(mut self, param: &'static str) -> Self {
         self.param = Some(param);
+        self
+    }
+
+    /// Wait this long before a retry (exact to the millisecond: `retry-after` says the seconds
+    /// rounded up, `retry-after-ms` the milliseconds).
+    pub fn with_retry_after_ms(mut self, ms: u64) -> Self {
+        self.retry_after_secs = Some(ms.div_ceil(1000).max(1));
+        self.retry_after_ms = Some(ms);
         self
     }
 
