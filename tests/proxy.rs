@@ -159,7 +159,7 @@ fn expect_100_continue_is_answered_before_the_body() {
     let gw = GatewayProcess::start(&[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])], "");
     let body = serde_json::to_vec(&chat_body("gpt-4o-mini", &"y".repeat(1_500_000), false)).unwrap();
     let mut s = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     write!(
         s,
         "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n",
@@ -293,8 +293,10 @@ async fn metrics_cover_requests_latency_and_errors() {
             .await
             .unwrap();
     }
-    let metrics = client.get(gw.metrics_url()).send().await.unwrap().text().await.unwrap();
-    for needle in [
+    // A request's metrics are recorded in its logging phase, which may run just after the
+    // client has its answer: wait for them rather than read once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let needles = [
         r#"komilion_requests_total{model="gpt-4o-mini",provider="sim",route="chat_completions",status="200"} 2"#,
         r#"komilion_requests_total{model="gpt-dead",provider="dead",route="chat_completions",status="502"} 1"#,
         r#"komilion_upstream_errors_total{kind="connect",provider="dead"} 1"#,
@@ -302,8 +304,15 @@ async fn metrics_cover_requests_latency_and_errors() {
         r#"komilion_gateway_overhead_seconds_count{route="chat_completions"} 3"#,
         r#"komilion_upstream_ttfb_seconds_count{provider="sim"} 2"#,
         "komilion_requests_in_flight 0",
-    ] {
-        assert!(metrics.contains(needle), "missing {needle}\n{metrics}");
+    ];
+    loop {
+        let metrics = client.get(gw.metrics_url()).send().await.unwrap().text().await.unwrap();
+        let missing: Vec<_> = needles.iter().filter(|n| !metrics.contains(*n)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "missing {missing:?}\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(http_status(gw.metrics_port, "/health"), Some(200));
 }
@@ -315,7 +324,7 @@ fn a_streamed_answer_keeps_the_connection_reusable() {
     let gw = GatewayProcess::start(&[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])], "");
     let body = serde_json::to_vec(&chat_body("gpt-4o-mini", "keepalive", true)).unwrap();
     let mut s = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     for round in 0..2 {
         write!(
             s,

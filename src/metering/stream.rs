@@ -365,7 +365,10 @@ mod tests {
             assert!(m.kept_bytes() < 4 * COUNT_WINDOW, "the window stays small");
         }
         assert_eq!(m.usage, None);
-        assert_eq!(m.delivered_output_tokens(), count_text("gpt-4o-mini", &text));
+        let exact = super::super::tokens::encoding_for("gpt-4o-mini")
+            .encode_ordinary(&text)
+            .len() as u64;
+        assert_eq!(m.delivered_output_tokens(), exact);
     }
 
     #[test]

@@ -1,6 +1,13 @@
 //! Real tokenizers (tiktoken's BPE tables, embedded) for estimates when a provider reports no
 //! usage. Loading a table costs tens of milliseconds, once, off the hot path: only estimates and
 //! the simulated provider count tokens.
+//!
+//! **Bounded cost.** BPE costs more than linear time in the length of a run without spaces, and
+//! a client chooses what it sends: a 2 MiB prompt took seconds of a worker's CPU. Text up to
+//! [`EXACT_BYTES`] is counted exactly; longer text is counted from its first and last
+//! [`SAMPLE_BYTES`], the middle estimated at the samples' tokens per byte. What the count is for
+//! (holds, limits, estimates of a stream that ended without usage) needs no more precision than
+//! that, and a provider's own usage, when it reports one, is what gets billed.
 
 use komilion_sdk::ChatMessage;
 use tiktoken_rs::CoreBPE;
@@ -18,9 +25,33 @@ pub fn encoding_for(model: &str) -> &'static CoreBPE {
     }
 }
 
-/// Tokens of plain text.
+/// Text up to this many bytes is counted exactly.
+pub const EXACT_BYTES: usize = 64 * 1024;
+/// Longer text is counted from samples of this many bytes at each end.
+pub const SAMPLE_BYTES: usize = 32 * 1024;
+
+/// Tokens of plain text (exact up to [`EXACT_BYTES`], sampled beyond).
 pub fn count_text(model: &str, text: &str) -> u64 {
-    encoding_for(model).encode_ordinary(text).len() as u64
+    count_bounded(encoding_for(model), text)
+}
+
+fn count_bounded(bpe: &CoreBPE, text: &str) -> u64 {
+    if text.len() <= EXACT_BYTES {
+        return bpe.encode_ordinary(text).len() as u64;
+    }
+    let mut head_end = SAMPLE_BYTES;
+    while !text.is_char_boundary(head_end) {
+        head_end -= 1;
+    }
+    let mut tail_start = text.len() - SAMPLE_BYTES;
+    while !text.is_char_boundary(tail_start) {
+        tail_start += 1;
+    }
+    let (head, tail) = (&text[..head_end], &text[tail_start..]);
+    let sampled = (bpe.encode_ordinary(head).len() + bpe.encode_ordinary(tail).len()) as u128;
+    let sample_bytes = (head.len() + tail.len()) as u128;
+    let middle = (tail_start - head_end) as u128;
+    (sampled + (middle * sampled).div_ceil(sample_bytes)) as u64
 }
 
 /// Tokens of a chat prompt as OpenAI counts them: 3 per message plus its role and content, and
@@ -29,7 +60,7 @@ pub fn count_chat_prompt(model: &str, messages: &[ChatMessage]) -> u64 {
     let bpe = encoding_for(model);
     let per_message: u64 = messages
         .iter()
-        .map(|m| 3 + bpe.encode_ordinary(&m.role).len() as u64 + bpe.encode_ordinary(&m.text).len() as u64)
+        .map(|m| 3 + count_bounded(bpe, &m.role) + count_bounded(bpe, &m.text))
         .sum();
     per_message + 3
 }
@@ -52,5 +83,18 @@ mod tests {
             encoding_for("openai/gpt-4.1-mini"),
             encoding_for("gpt-4o")
         ));
+    }
+
+    #[test]
+    fn long_text_is_counted_from_samples_close_to_the_exact_count() {
+        let text = "The quick brown fox jumps over the lazy dog; ünïcödé too. ".repeat(4000);
+        assert!(text.len() > 3 * EXACT_BYTES);
+        let exact = encoding_for("gpt-4o").encode_ordinary(&text).len() as f64;
+        let sampled = count_text("gpt-4o", &text) as f64;
+        assert!((sampled - exact).abs() / exact < 0.01, "{sampled} vs {exact}");
+        // The worst case for BPE, one run without spaces, costs no more than the samples.
+        let run = "x".repeat(4 * 1024 * 1024);
+        let tokens = count_text("gpt-4o", &run);
+        assert!((400_000..=600_000).contains(&tokens), "{tokens}");
     }
 }

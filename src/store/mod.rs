@@ -431,9 +431,21 @@ pub fn generate_api_key() -> (String, [u8; 32], String) {
 
 pub const API_KEY_PREFIX: &str = "sk-kml-";
 
+/// How long opening a store may spend on its migrations: at start-up, possibly waiting for
+/// another instance that migrates the same database first, so far more than an operation.
+pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Run a store operation within [`OPERATION_TIMEOUT`].
 pub(crate) async fn bounded<T>(fut: impl std::future::Future<Output = StoreResult<T>>) -> StoreResult<T> {
-    match tokio::time::timeout(OPERATION_TIMEOUT, fut).await {
+    bounded_by(OPERATION_TIMEOUT, fut).await
+}
+
+/// Run a store operation within `limit`.
+pub(crate) async fn bounded_by<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = StoreResult<T>>,
+) -> StoreResult<T> {
+    match tokio::time::timeout(limit, fut).await {
         Ok(result) => result,
         Err(_) => Err(StoreError::Unavailable("the operation timed out".into())),
     }

@@ -204,7 +204,7 @@ impl PgStore {
             .await
             .map_err(pg_error)?
             .get(0);
-        bounded(migrate(client)).await?;
+        bounded_by(MIGRATION_TIMEOUT, migrate(client)).await?;
         let (events, _) = broadcast::channel(1024);
         let runtime = Handle::current();
         let listener = runtime.spawn(listen(config, format!("komilion_{schema}"), events.clone()));
