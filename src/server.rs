@@ -91,14 +91,32 @@ pub fn server_conf(config: &Config) -> ServerConf {
     }
 }
 
-/// The store's URL without its password, for messages.
+/// The store's URL without its password, for messages. libpq URLs may also carry it as a
+/// `password=` parameter.
 pub fn redacted(url: &str) -> String {
     match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            let (base, query) = match u.as_str().split_once('?') {
+                Some((base, query)) => (base.to_owned(), query),
+                None => return u.to_string(),
+            };
+            let query: Vec<&str> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some(("password", _)) => "password=***",
+                    _ => p,
+                })
+                .collect();
+            format!("{base}?{}", query.join("&"))
         }
-        _ => url.to_owned(),
+        // Not a URL we can take apart: drop everything before the host, where a password goes.
+        Err(_) => match url.split_once("://").zip(url.rsplit_once('@')) {
+            Some(((scheme, _), (_, host))) => format!("{scheme}://***@{host}"),
+            None => url.to_owned(),
+        },
     }
 }
 
@@ -240,4 +258,23 @@ pub fn build_server(config: &Config, mut opt: Opt) -> Result<Server, BuildError>
         },
     ));
     Ok(server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn store_urls_lose_their_passwords() {
+        assert_eq!(
+            redacted("postgres://u:secret@db:5432/k?sslmode=require"),
+            "postgres://u:***@db:5432/k?sslmode=require"
+        );
+        assert_eq!(
+            redacted("postgresql://u@db/k?password=secret&sslmode=verify-full"),
+            "postgresql://u@db/k?password=***&sslmode=verify-full"
+        );
+        assert_eq!(redacted("postgres://u:secret@[bad/k"), "postgres://***@[bad/k");
+        assert_eq!(redacted("sqlite:///var/lib/k.db"), "sqlite:///var/lib/k.db");
+    }
 }

@@ -145,6 +145,11 @@ impl Config {
                     "store",
                     "must start with sqlite://, postgres:// or postgresql://",
                 ));
+            } else if !store.starts_with("sqlite://") {
+                // Parameters and TLS settings; `sslrootcert` itself is read when the store opens.
+                if let Err(e) = crate::store::pg_tls::parse_url(store) {
+                    issues.push(ConfigIssue::new("store", e.to_string()));
+                }
             }
         }
         if let Some(admin) = &file.admin {
@@ -405,5 +410,19 @@ typo: 1
         for expected in ["limits.max_body_bytes", "providers[0].base_url", "providers[1].kind"] {
             assert!(paths.contains(&expected), "{expected} missing from {paths:?}");
         }
+    }
+
+    #[test]
+    fn store_tls_settings_are_checked_without_connecting() {
+        let with_store = |url: &str| format!("{GOOD}store: \"{url}\"\n");
+        Config::from_yaml(
+            &with_store("postgres://k:pw@db/k?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"),
+            &env,
+        )
+        .expect("the root file is read when the store opens, not by `check`");
+        let errs = Config::from_yaml(&with_store("postgres://k:pw@db/k?sslmode=verify"), &env).unwrap_err();
+        let issue = errs.0.iter().find(|i| i.path == "store").expect("a store issue");
+        assert!(issue.message.contains("unknown sslmode `verify`"), "{}", issue.message);
+        assert!(!issue.message.contains("pw"), "no password in messages");
     }
 }

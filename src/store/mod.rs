@@ -11,6 +11,7 @@
 pub mod cache;
 pub mod conformance;
 mod migrate;
+pub mod pg_tls;
 pub mod postgres;
 pub mod service;
 pub mod sqlite;
@@ -434,6 +435,19 @@ pub const API_KEY_PREFIX: &str = "sk-kml-";
 /// How long opening a store may spend on its migrations: at start-up, possibly waiting for
 /// another instance that migrates the same database first, so far more than an operation.
 pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// An error with its causes, `outer: inner: …`. tokio-postgres's errors name only their kind
+/// ("error performing TLS handshake"); the reason is in the causes.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
 
 /// Run a store operation within [`OPERATION_TIMEOUT`].
 pub(crate) async fn bounded<T>(fut: impl std::future::Future<Output = StoreResult<T>>) -> StoreResult<T> {

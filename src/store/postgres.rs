@@ -10,16 +10,16 @@
 //! connection must not die with the runtime that happened to open it.
 
 use super::migrate::POSTGRES;
+use super::pg_tls::{self, MakeRustls};
 use super::*;
 use crate::usage::UsageRecord;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use std::str::FromStr;
 use tokio::runtime::Handle;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
-use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_postgres::{AsyncMessage, Row};
 
 pub struct PgStore {
     pool: Pool,
@@ -51,8 +51,9 @@ fn pg_error(e: tokio_postgres::Error) -> StoreError {
         }
         return StoreError::Internal(db.to_string());
     }
-    // Not an error from the server: the connection is broken or was never made.
-    StoreError::Unavailable(e.to_string())
+    // Not an error from the server: the connection is broken or was never made (unreachable,
+    // TLS refused or the certificate not trusted: the causes say which).
+    StoreError::Unavailable(error_chain(&e))
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
@@ -176,16 +177,17 @@ async fn get_wallet(c: &impl deadpool_postgres::GenericClient, account_id: &str)
 }
 
 impl PgStore {
-    /// Connect, apply pending migrations and start listening for changes.
+    /// Connect, apply pending migrations and start listening for changes. TLS as the URL's
+    /// `sslmode` and `sslrootcert` say ([`pg_tls`]).
     pub async fn connect(url: &str) -> StoreResult<PgStore> {
-        let mut config =
-            tokio_postgres::Config::from_str(url).map_err(|e| StoreError::Invalid(format!("store URL: {e}")))?;
+        let (mut config, tls) = pg_tls::parse_url(url)?;
+        let tls = tls.connector()?;
         config.connect_timeout(Duration::from_secs(2));
         config.keepalives_idle(Duration::from_secs(30));
         config.application_name("komilion");
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -207,7 +209,7 @@ impl PgStore {
         bounded_by(MIGRATION_TIMEOUT, migrate(client)).await?;
         let (events, _) = broadcast::channel(1024);
         let runtime = Handle::current();
-        let listener = runtime.spawn(listen(config, format!("komilion_{schema}"), events.clone()));
+        let listener = runtime.spawn(listen(config, tls, format!("komilion_{schema}"), events.clone()));
         Ok(PgStore {
             pool,
             runtime,
@@ -294,11 +296,16 @@ async fn migrate(mut client: Client) -> StoreResult<()> {
 
 /// LISTEN on `channel` forever, forwarding notifications; on a lost connection, reconnect and
 /// announce a resync (notifications sent meanwhile are lost, so caches must be dropped).
-async fn listen(config: tokio_postgres::Config, channel: String, events: broadcast::Sender<StoreEvent>) {
+async fn listen(
+    config: tokio_postgres::Config,
+    tls: MakeRustls,
+    channel: String,
+    events: broadcast::Sender<StoreEvent>,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     loop {
-        match config.connect(NoTls).await {
+        match config.connect(tls.clone()).await {
             Ok((client, mut connection)) => {
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                 let pump = tokio::spawn(async move {
