@@ -21,6 +21,8 @@ pub enum MoneyError {
     OutOfRange(String),
     #[error("`{0}` is negative")]
     Negative(String),
+    #[error("`{0}` is not a plain decimal: write digits with an optional fraction, like 12.50 (no sign, exponent or spaces)")]
+    NotPlain(String),
 }
 
 /// Parse a non-negative decimal literal (`"12.50"`, `"1.5e-07"`) exactly, scaled by
@@ -71,6 +73,19 @@ pub fn parse_usd(text: &str) -> Result<NanoUsd, MoneyError> {
     parse_scaled(text, 9)
 }
 
+/// Parse a USD amount a person typed (`"12.50"`, `"1000"`) into nano-USD: digits with an
+/// optional fraction and nothing else. Money moved by hand must mean what it reads as:
+/// [`parse_usd`] also takes exponents (price lists are written `1.5e-07`), and `"1e3"` in a
+/// top-up would credit $1000 to someone who meant something else.
+pub fn parse_plain_usd(text: &str) -> Result<NanoUsd, MoneyError> {
+    let (int_part, frac_part) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(int_part) || (text.contains('.') && !digits(frac_part)) {
+        return Err(MoneyError::NotPlain(text.to_owned()));
+    }
+    parse_usd(text)
+}
+
 /// The cost of `tokens` at `price_per_mtok` nano-USD per million tokens, rounded up.
 pub fn token_cost(tokens: u64, price_per_mtok: NanoUsd) -> NanoUsd {
     let product = tokens as i128 * price_per_mtok as i128;
@@ -116,6 +131,31 @@ mod tests {
         assert_eq!(parse_scaled("2.5e-06", 15), Ok(2_500_000_000));
         assert_eq!(parse_scaled("7.5E-8", 15), Ok(75_000_000));
         assert_eq!(parse_scaled("0", 15), Ok(0));
+    }
+
+    #[test]
+    fn plain_amounts_take_digits_and_a_fraction_only() {
+        assert_eq!(parse_plain_usd("12.50"), Ok(12_500_000_000));
+        assert_eq!(parse_plain_usd("1000"), Ok(1_000 * NANOS_PER_USD));
+        assert_eq!(parse_plain_usd("0.000000001"), Ok(1));
+        // Each of these parses as a number somewhere, and none is what a top-up form shows.
+        for text in [
+            "1e3", "1E3", "1.5e2", "+5", "-5", " 5", "5 ", ".5", "5.", "", ".", "0x10", "5_000", "1,5",
+        ] {
+            assert_eq!(
+                parse_plain_usd(text),
+                Err(MoneyError::NotPlain(text.to_owned())),
+                "{text:?}"
+            );
+        }
+        assert_eq!(
+            parse_plain_usd("0.0000000001"),
+            Err(MoneyError::TooPrecise("0.0000000001".into()))
+        );
+        assert!(matches!(
+            parse_plain_usd("99999999999999"),
+            Err(MoneyError::OutOfRange(_))
+        ));
     }
 
     #[test]

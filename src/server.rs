@@ -140,7 +140,37 @@ pub fn build_chain(
 /// What `komilion check` warns about: settings that work but are likely not what the operator
 /// wants (they never stop a start).
 pub fn config_warnings(config: &Config) -> Vec<String> {
-    crate::billing::pricing::Pricing::new(config.catalog.clone(), &config.providers).warnings(&config.providers)
+    let mut warnings =
+        crate::billing::pricing::Pricing::new(config.catalog.clone(), &config.providers).warnings(&config.providers);
+    warnings.extend(config.admin.as_ref().and_then(|a| admin_exposure_warning(&a.listen)));
+    for (i, plugin) in config.plugins.iter().enumerate() {
+        let at = format!("plugins[{i}].settings");
+        warnings.extend(
+            komilion_plugins::settings_warnings(&plugin.name, &plugin.settings)
+                .into_iter()
+                .map(|issue| issue.under(&at))
+                .map(|issue| format!("{} ({}): {}", issue.path, plugin.name, issue.message)),
+        );
+    }
+    warnings
+}
+
+/// The admin listener speaks plain HTTP: on anything but loopback, the admin token and every
+/// account's data cross the network unencrypted. Komilion does not terminate TLS there itself
+/// (one less certificate to rotate in the gateway); the operator puts a TLS hop in front.
+fn admin_exposure_warning(listen: &str) -> Option<String> {
+    // `Config::load` has checked that it parses.
+    let addr: std::net::SocketAddr = listen.parse().ok()?;
+    if addr.ip().to_canonical().is_loopback() {
+        return None;
+    }
+    let port = addr.port();
+    Some(format!(
+        "admin.listen: `{listen}` is not a loopback address and the admin API speaks plain HTTP, so the \
+         admin token and account data would cross the network unencrypted; bind it to 127.0.0.1:{port} and \
+         reach it through a TLS-terminating reverse proxy on the same host (nginx, Caddy) or an SSH tunnel \
+         (ssh -L {port}:127.0.0.1:{port} <host>)"
+    ))
 }
 
 /// Open the store once before serving: an unreachable store or a failed migration stops the
@@ -262,7 +292,25 @@ pub fn build_server(config: &Config, mut opt: Opt) -> Result<Server, BuildError>
 
 #[cfg(test)]
 mod tests {
-    use super::redacted;
+    use super::{admin_exposure_warning, redacted};
+
+    #[test]
+    fn an_admin_listener_off_loopback_is_warned_about() {
+        for quiet in [
+            "127.0.0.1:9091",
+            "127.0.0.2:9091",
+            "[::1]:9091",
+            "[::ffff:127.0.0.1]:9091",
+        ] {
+            assert_eq!(admin_exposure_warning(quiet), None, "{quiet}");
+        }
+        for exposed in ["0.0.0.0:9091", "10.0.0.5:9091", "[::]:9091", "[2001:db8::1]:9091"] {
+            let warning = admin_exposure_warning(exposed).expect(exposed);
+            assert!(warning.contains("127.0.0.1:9091"), "{warning}");
+            assert!(warning.contains("TLS-terminating reverse proxy"), "{warning}");
+            assert!(warning.contains("ssh -L 9091:127.0.0.1:9091"), "{warning}");
+        }
+    }
 
     #[test]
     fn store_urls_lose_their_passwords() {

@@ -241,3 +241,61 @@ async fn serve_and_demo_refuse_a_port_that_is_taken() {
     // The first gateway still answers.
     assert_eq!(http_status(gw.metrics_port, "/health"), Some(200));
 }
+
+/// `check` warns about an admin listener off loopback (plain HTTP on the network) and a
+/// `jwt_auth` without `issuer`/`audience`, and stays quiet once they are fixed.
+#[test]
+fn check_warns_about_an_exposed_admin_listener_and_an_unscoped_jwt() {
+    let config = |admin_host: &str, jwt_extra: &str| {
+        format!(
+            "providers: []\nstore: \"sqlite:///nonexistent/komilion.db\"\nadmin:\n  listen: \"{admin_host}:9091\"\n  token: \"an-admin-token-of-some-length\"\nplugins:\n  - name: jwt_auth\n    settings:\n      hs256_secret: \"a-shared-secret-of-at-least-32-bytes!!\"\n      max_lifetime_secs: 3600\n{jwt_extra}"
+        )
+    };
+    let check = |text: &str| {
+        let (_dir, path) = write_config(text);
+        let out = Command::new(BIN).args(["check", "-c"]).arg(&path).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stdout}{stderr}");
+        let warnings: Vec<String> = stderr
+            .lines()
+            .filter(|l| l.starts_with("warning: "))
+            .map(str::to_owned)
+            .collect();
+        (stdout, warnings)
+    };
+
+    let (stdout, warnings) = check(&config("0.0.0.0", ""));
+    assert_eq!(warnings.len(), 3, "{warnings:#?}");
+    assert!(stdout.contains("ok, 3 warnings"), "{stdout}");
+    let admin = &warnings[0];
+    assert!(
+        admin.contains("admin.listen") && admin.contains("0.0.0.0:9091"),
+        "{admin}"
+    );
+    assert!(admin.contains("bind it to 127.0.0.1:9091"), "{admin}");
+    assert!(admin.contains("TLS-terminating reverse proxy"), "{admin}");
+    assert!(admin.contains("ssh -L 9091:127.0.0.1:9091"), "{admin}");
+    assert!(
+        warnings[1].contains("plugins[0].settings.issuer (jwt_auth)"),
+        "{}",
+        warnings[1]
+    );
+    assert!(
+        warnings[2].contains("plugins[0].settings.audience (jwt_auth)"),
+        "{}",
+        warnings[2]
+    );
+
+    let scoped = "      issuer: \"https://idp.example\"\n      audience: \"komilion\"\n";
+    let (stdout, warnings) = check(&config("127.0.0.1", scoped));
+    assert_eq!(warnings, Vec::<String>::new());
+    assert!(stdout.trim_end().ends_with(": ok"), "{stdout}");
+
+    // A zero maximum lifetime is an error, with its path.
+    let (_dir, path) = write_config(&config("127.0.0.1", scoped).replace("3600", "0"));
+    let out = Command::new(BIN).args(["check", "-c"]).arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("plugins[0].settings.max_lifetime_secs"), "{stderr}");
+}

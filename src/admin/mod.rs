@@ -66,9 +66,9 @@ impl AdminApi {
             .headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .unwrap_or("");
-        let digest: [u8; 32] = Sha256::digest(presented.trim().as_bytes()).into();
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         bool::from(digest.ct_eq(&self.token_digest))
     }
 
@@ -163,6 +163,16 @@ impl AdminApi {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme is matched without regard
+/// to case (RFC 9110 §11.1), as the gateway's own [`komilion_sdk::RequestView::credential`]
+/// does: a client that sends `bearer` must not be refused on one listener and let in on the
+/// other. Surrounding whitespace is dropped; an empty token is none.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// `GET /admin/v1/accounts/{id}/usage`: the account id.
 fn usage_export_path(session: &Session) -> Option<String> {
     let header = session.req_header();
@@ -255,5 +265,20 @@ impl ProxyHttp for AdminApi {
             Err(e) => send(session, e.status(), Some(e.to_json())).await,
         }
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in ["Bearer tok", "bearer tok", "BEARER tok", "bEaReR  tok ", " Bearer tok"] {
+            assert_eq!(bearer_token(value), Some("tok"), "{value:?}");
+        }
+        for value in ["Basic tok", "Bearertok", "Bearer", "Bearer   ", "tok", ""] {
+            assert_eq!(bearer_token(value), None, "{value:?}");
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The admin operations, shared by the HTTP admin API and `komilion admin`: the same checks and
 //! the same JSON either way.
 
-use crate::money::{parse_usd, Usd};
+use crate::money::{parse_plain_usd, Usd};
 use crate::secrets::MasterKeys;
 use crate::store::{generate_api_key, new_id, Account, AccountStatus, KeyInfo, KeyLimits, Store, StoreError, Wallet};
 use chrono::{DateTime, Utc};
@@ -10,6 +10,9 @@ use serde_json::{json, Value};
 
 /// Largest single top-up accepted, in USD (a typo guard).
 const MAX_TOP_UP_USD: i64 = 1_000_000;
+
+/// Longest provider name the admin API takes.
+const MAX_PROVIDER_NAME: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OpError {
@@ -89,7 +92,7 @@ pub struct CreateKey {
     pub rpm_limit: Option<u32>,
     #[serde(default)]
     pub tpm_limit: Option<u32>,
-    /// What the key is expected to spend, a decimal string; alerts fire at a share of it.
+    /// What the key is expected to spend, a plain decimal string; alerts fire at a share of it.
     #[serde(default)]
     pub budget_usd: Option<String>,
 }
@@ -97,7 +100,8 @@ pub struct CreateKey {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopUp {
-    /// A decimal string, e.g. `"12.50"` (a JSON number is refused: it may not be exact).
+    /// A plain decimal string, e.g. `"12.50"` (a JSON number is refused: it may not be exact;
+    /// so is an exponent: `"1e3"` is not what anyone means by a top-up).
     pub amount_usd: String,
 }
 
@@ -197,7 +201,7 @@ pub async fn create_key(store: &dyn Store, account_id: &str, body: CreateKey) ->
         ));
     }
     let budget = match &body.budget_usd {
-        Some(text) => match parse_usd(text) {
+        Some(text) => match parse_plain_usd(text) {
             Ok(n) if n > 0 => Some(n),
             Ok(_) => return Err(OpError::BadRequest("`budget_usd` must be above 0".into())),
             Err(e) => return Err(OpError::BadRequest(format!("`budget_usd`: {e}"))),
@@ -240,7 +244,7 @@ pub async fn wallet(store: &dyn Store, account_id: &str) -> OpResult {
 
 /// Credit `amount_usd`; `reference` (an idempotency key) makes a retried call a no-op.
 pub async fn top_up(store: &dyn Store, account_id: &str, body: TopUp, reference: Option<&str>) -> OpResult {
-    let amount = parse_usd(&body.amount_usd).map_err(|e| OpError::BadRequest(format!("`amount_usd`: {e}")))?;
+    let amount = parse_plain_usd(&body.amount_usd).map_err(|e| OpError::BadRequest(format!("`amount_usd`: {e}")))?;
     if amount <= 0 || amount > MAX_TOP_UP_USD * crate::money::NANOS_PER_USD {
         return Err(OpError::BadRequest(format!(
             "`amount_usd` must be above 0 and at most {MAX_TOP_UP_USD}"
@@ -253,6 +257,29 @@ pub async fn top_up(store: &dyn Store, account_id: &str, body: TopUp, reference:
     Ok(out)
 }
 
+/// A provider name as the admin API takes it: `[a-z0-9_-]{1,64}`. The name is a URL path
+/// segment, part of the sealed key's context and a column in the store; anything outside this
+/// set (`%2F`, spaces, upper case that would not match the config's name) is a typo or an
+/// attempt to smuggle something into a path or a log, and is refused before the store sees it.
+pub fn check_provider_name(name: &str) -> Result<(), OpError> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_PROVIDER_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if valid {
+        return Ok(());
+    }
+    let shown: String = name
+        .chars()
+        .take(MAX_PROVIDER_NAME)
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect();
+    Err(OpError::BadRequest(format!(
+        "provider name `{shown}` must be 1 to {MAX_PROVIDER_NAME} characters of a-z, 0-9, `_` and `-`"
+    )))
+}
+
 pub async fn put_provider_key(
     store: &dyn Store,
     keys: Option<&MasterKeys>,
@@ -260,6 +287,7 @@ pub async fn put_provider_key(
     provider: &str,
     body: PutProviderKey,
 ) -> Result<(), OpError> {
+    check_provider_name(provider)?;
     let keys = keys.ok_or_else(|| {
         OpError::BadRequest(
             "provider keys need a master key: set KOMILION_MASTER_KEY in the gateway's environment".into(),
@@ -278,6 +306,7 @@ pub async fn list_provider_keys(store: &dyn Store, account_id: &str) -> OpResult
 }
 
 pub async fn delete_provider_key(store: &dyn Store, account_id: &str, provider: &str) -> Result<(), OpError> {
+    check_provider_name(provider)?;
     Ok(store.delete_provider_key(account_id, provider).await?)
 }
 
@@ -303,4 +332,32 @@ pub async fn reseal_provider_keys(store: &dyn Store, keys: &MasterKeys) -> OpRes
 /// Erase an account: personal data and keys go, billing rows stay (anonymised).
 pub async fn erase_account(store: &dyn Store, account_id: &str) -> Result<(), OpError> {
     Ok(store.erase_account(account_id).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_names_are_lower_case_words() {
+        for good in ["openai", "azure-eu_2", "a", &"x".repeat(64)] {
+            assert_eq!(check_provider_name(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "OpenAI",
+            "open ai",
+            "open%2Fai",
+            "../x",
+            "a/b",
+            "é",
+            "a\u{0}",
+            &"x".repeat(65),
+        ] {
+            let err = check_provider_name(bad).unwrap_err();
+            assert_eq!(err.status(), 400, "{bad:?}");
+            assert!(err.to_string().contains("a-z, 0-9"), "{err}");
+            assert!(!err.to_string().contains('\0'), "control characters are not echoed");
+        }
+    }
 }

@@ -57,7 +57,8 @@ pub fn verify_signature(
     if signatures.is_empty() {
         return Err(WebhookError::MalformedHeader);
     }
-    if (now - timestamp).unsigned_abs() > tolerance_secs {
+    // In i128: a hostile `t=-9223372036854775808` must not overflow the subtraction.
+    if (i128::from(now) - i128::from(timestamp)).unsigned_abs() > u128::from(tolerance_secs) {
         return Err(WebhookError::StaleTimestamp);
     }
     let mut matched = false;
@@ -118,55 +119,89 @@ pub enum Outcome {
     Ignored(&'static str),
 }
 
-/// Handle a verified event.
-pub async fn handle_event(store: &dyn Store, payload: &[u8]) -> Result<Outcome, WebhookError> {
+/// What a verified event asks for, decided from its bytes alone (no store, no clock but the
+/// receipt time of an unmatched payment): the part of [`handle_event`] that can be tested and
+/// fuzzed on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Ignore(&'static str),
+    /// Credit `amount_nano_usd` to `account_id`, once per `reference` (the session id). If the
+    /// account does not exist, keep `if_unknown` instead.
+    Credit {
+        account_id: String,
+        amount_nano_usd: i64,
+        reference: String,
+        if_unknown: UnmatchedPayment,
+    },
+    /// Paid, but for no account the gateway can credit.
+    Unmatched(UnmatchedPayment),
+}
+
+/// Read a verified event and decide what it asks for.
+pub fn parse_event(payload: &[u8]) -> Result<Decision, WebhookError> {
     let event: Event = serde_json::from_slice(payload).map_err(|e| WebhookError::BadEvent(e.to_string()))?;
     if !PAYMENT_EVENTS.contains(&event.kind.as_str()) {
-        return Ok(Outcome::Ignored("not a Checkout Session payment"));
+        return Ok(Decision::Ignore("not a Checkout Session payment"));
     }
     let session = &event.data.object;
     // Only an explicit "paid" is a payment: "unpaid" (a delayed method still pending),
     // "no_payment_required" and a missing field are not.
     if session["payment_status"].as_str() != Some("paid") {
-        return Ok(Outcome::Ignored("not paid"));
+        return Ok(Decision::Ignore("not paid"));
     }
     let Some(cents) = session["amount_total"].as_i64().filter(|c| *c > 0) else {
-        return Ok(Outcome::Ignored("no positive amount_total"));
+        return Ok(Decision::Ignore("no positive amount_total"));
     };
     let currency = session["currency"].as_str().unwrap_or("");
     let account_ref = session["metadata"]["account_id"].as_str();
     let amount = cents
         .checked_mul(NANOS_PER_CENT)
         .ok_or(WebhookError::BadEvent("amount out of range".into()))?;
+    let usd = currency.eq_ignore_ascii_case("usd");
     let unmatched = |reason: String| UnmatchedPayment {
         event_id: event.id.clone(),
         event_type: event.kind.clone(),
         account_ref: account_ref.map(|a| a.chars().take(64).collect()),
-        amount_nano_usd: if currency.eq_ignore_ascii_case("usd") {
-            amount
-        } else {
-            0
-        },
+        amount_nano_usd: if usd { amount } else { 0 },
         reason,
         received_at: chrono::Utc::now(),
     };
-    if !currency.eq_ignore_ascii_case("usd") {
+    if !usd {
         let reason = format!("paid {cents} in the smallest unit of `{}`, not USD", bounded(currency));
-        return keep_unmatched(store, unmatched(reason)).await;
+        return Ok(Decision::Unmatched(unmatched(reason)));
     }
     let Some(account_id) = account_ref else {
-        return keep_unmatched(store, unmatched("no metadata.account_id".into())).await;
+        return Ok(Decision::Unmatched(unmatched("no metadata.account_id".into())));
     };
     // One credit per session, whichever of its events (or their retries) arrives.
     let reference = session["id"].as_str().unwrap_or(&event.id);
-    match store.credit(account_id, amount, "stripe", reference).await {
-        Ok((_, true)) => Ok(Outcome::Credited {
-            account_id: account_id.to_owned(),
-            amount_nano_usd: amount,
-        }),
-        Ok((_, false)) => Ok(Outcome::Replay),
-        Err(StoreError::NotFound(_)) => keep_unmatched(store, unmatched("unknown account".into())).await,
-        Err(e) => Err(WebhookError::Store(e)),
+    Ok(Decision::Credit {
+        account_id: account_id.to_owned(),
+        amount_nano_usd: amount,
+        reference: reference.to_owned(),
+        if_unknown: unmatched("unknown account".into()),
+    })
+}
+
+/// Handle a verified event.
+pub async fn handle_event(store: &dyn Store, payload: &[u8]) -> Result<Outcome, WebhookError> {
+    match parse_event(payload)? {
+        Decision::Ignore(why) => Ok(Outcome::Ignored(why)),
+        Decision::Unmatched(payment) => keep_unmatched(store, payment).await,
+        Decision::Credit {
+            account_id,
+            amount_nano_usd,
+            reference,
+            if_unknown,
+        } => match store.credit(&account_id, amount_nano_usd, "stripe", &reference).await {
+            Ok((_, true)) => Ok(Outcome::Credited {
+                account_id,
+                amount_nano_usd,
+            }),
+            Ok((_, false)) => Ok(Outcome::Replay),
+            Err(StoreError::NotFound(_)) => keep_unmatched(store, if_unknown).await,
+            Err(e) => Err(WebhookError::Store(e)),
+        },
     }
 }
 
@@ -224,9 +259,77 @@ mod tests {
             verify_signature("t=1000", body, SECRET, 300, 1_000),
             Err(WebhookError::MalformedHeader)
         );
+        // Timestamps at the ends of i64 are stale, not an overflow.
+        for t in [i64::MIN, i64::MAX] {
+            assert_eq!(
+                verify_signature(&format!("t={t},v1=00"), body, SECRET, 300, 1_000),
+                Err(WebhookError::StaleTimestamp)
+            );
+        }
         // Several v1 signatures (secret rotation): any one may match.
         let other = sign(body, "whsec_old", 1_000);
         let both = format!("{header},{}", other.split(',').nth(1).unwrap());
         assert_eq!(verify_signature(&both, body, "whsec_old", 300, 1_000), Ok(()));
+    }
+
+    #[test]
+    fn events_are_decided_without_a_store() {
+        let event = |kind: &str, object: serde_json::Value| {
+            serde_json::json!({"id": "evt_1", "type": kind, "data": {"object": object}}).to_string()
+        };
+        let paid = |extra: serde_json::Value| {
+            let mut o = serde_json::json!({"id": "cs_1", "payment_status": "paid", "amount_total": 1250,
+                                           "currency": "usd", "metadata": {"account_id": "acct_1"}});
+            for (k, v) in extra.as_object().unwrap() {
+                o[k] = v.clone();
+            }
+            o
+        };
+        let decide = |body: String| parse_event(body.as_bytes());
+        match decide(event("checkout.session.completed", paid(serde_json::json!({})))).unwrap() {
+            Decision::Credit {
+                account_id,
+                amount_nano_usd,
+                reference,
+                if_unknown,
+            } => {
+                assert_eq!(
+                    (account_id.as_str(), amount_nano_usd, reference.as_str()),
+                    ("acct_1", 12_500_000_000, "cs_1")
+                );
+                assert_eq!(if_unknown.reason, "unknown account");
+            }
+            other => panic!("{other:?}"),
+        }
+        let ignored = [
+            event("invoice.paid", paid(serde_json::json!({}))),
+            event(
+                "checkout.session.completed",
+                paid(serde_json::json!({"payment_status": "unpaid"})),
+            ),
+            event(
+                "checkout.session.completed",
+                paid(serde_json::json!({"amount_total": 0})),
+            ),
+            event(
+                "checkout.session.completed",
+                paid(serde_json::json!({"amount_total": "1250"})),
+            ),
+        ];
+        for body in ignored {
+            assert!(matches!(decide(body.clone()), Ok(Decision::Ignore(_))), "{body}");
+        }
+        let eur = decide(event(
+            "checkout.session.completed",
+            paid(serde_json::json!({"currency": "eur"})),
+        ))
+        .unwrap();
+        assert!(matches!(eur, Decision::Unmatched(p) if p.amount_nano_usd == 0 && p.reason.contains("`eur`")));
+        let huge = event(
+            "checkout.session.completed",
+            paid(serde_json::json!({"amount_total": i64::MAX})),
+        );
+        assert!(matches!(decide(huge), Err(WebhookError::BadEvent(_))));
+        assert!(matches!(decide("{".into()), Err(WebhookError::BadEvent(_))));
     }
 }

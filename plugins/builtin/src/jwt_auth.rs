@@ -2,9 +2,9 @@
 //!
 //! Accepts HS256 (a shared secret) or RS256/ES256 (public keys from a PEM file or a JWKS file,
 //! chosen by the token's `kid`). Signature, `exp` and `nbf` (with leeway), and, when configured,
-//! `iss` and `aud` are checked. A configured claim names the account; another may narrow the
-//! models the caller can use. A refused token gets a 401 whose reason says which check failed
-//! and nothing about the keys.
+//! `iss`, `aud` and a maximum lifetime are checked. A configured claim names the account;
+//! another may narrow the models the caller can use. A refused token gets a 401 whose reason
+//! says which check failed and nothing about the keys.
 
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
@@ -33,8 +33,12 @@ pub struct JwtAuthSettings {
     pub account_claim: String,
     /// A claim listing the models the caller may use (array, or space-separated string).
     pub models_claim: Option<String>,
-    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds.
     pub leeway_secs: u64,
+    /// Refuse tokens that live longer than this: `exp - iat`, or, for a token without `iat`,
+    /// what is left of it (`exp - now`). A leaked long-lived token is a standing credential;
+    /// this caps what an identity provider misconfigured to mint them can hand out.
+    pub max_lifetime_secs: Option<u64>,
     /// Leave credentials that are not JWTs to the next auth plugin.
     pub fallthrough: bool,
     /// Refuse tokens whose account is not in the store (when there is one).
@@ -55,6 +59,7 @@ impl Default for JwtAuthSettings {
             account_claim: "sub".into(),
             models_claim: None,
             leeway_secs: 30,
+            max_lifetime_secs: None,
             fallthrough: false,
             require_account: true,
             rpm_limit: None,
@@ -80,6 +85,35 @@ pub struct JwtAuth {
 
 fn issue(path: &str, message: impl Into<String>) -> Vec<ConfigIssue> {
     vec![ConfigIssue::new(path, message)]
+}
+
+impl JwtAuthSettings {
+    /// Settings that work but are likely not what the operator wants (`komilion check` prints
+    /// them). Without `issuer` any issuer whose key verifies is trusted; without `audience` a
+    /// token the same identity provider minted for another service is accepted here.
+    pub fn warnings(&self) -> Vec<ConfigIssue> {
+        let mut out = Vec::new();
+        if self.issuer.is_none() {
+            out.push(ConfigIssue::new(
+                "issuer",
+                "not set: tokens are accepted whatever their `iss`; set it to your identity provider's issuer",
+            ));
+        }
+        if self.audience.is_none() {
+            out.push(ConfigIssue::new(
+                "audience",
+                "not set: tokens your identity provider issued for other services are accepted too; \
+                 set it to the `aud` it issues for this gateway",
+            ));
+        }
+        out
+    }
+}
+
+/// The warnings of a `jwt_auth` settings block, or none when it does not parse (building the
+/// chain reports that as an error).
+pub fn warnings(settings: &PluginSettings) -> Vec<ConfigIssue> {
+    settings_from::<JwtAuthSettings>(settings).map_or_else(|_| Vec::new(), |s| s.warnings())
 }
 
 fn load_public_key(path: &str) -> Result<(DecodingKey, Algorithm), Vec<ConfigIssue>> {
@@ -124,6 +158,12 @@ impl JwtAuth {
         ];
         if sources.iter().filter(|s| **s).count() != 1 {
             return Err(issue("", "set exactly one of hs256_secret, public_key_file, jwks_file"));
+        }
+        if settings.max_lifetime_secs == Some(0) {
+            return Err(issue(
+                "max_lifetime_secs",
+                "must be at least 1 (leave it out for no limit)",
+            ));
         }
         let keys = if let Some(secret) = &settings.hs256_secret {
             if secret.len() < 32 {
@@ -192,8 +232,60 @@ impl JwtAuth {
                 _ => "the token is malformed",
             }
         })?;
+        if let Some(max) = self.settings.max_lifetime_secs {
+            check_lifetime(&data.claims, max, self.settings.leeway_secs, unix_now())?;
+        }
         Ok(data.claims)
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A JWT NumericDate: seconds since the epoch, possibly with a fraction (RFC 7519 §2).
+fn numeric_date(value: &serde_json::Value) -> Option<i128> {
+    match value.as_u64() {
+        Some(n) => Some(n.into()),
+        None => value
+            .as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f as i128),
+    }
+}
+
+/// Refuse a token that lives longer than `max` seconds. With `iat`, the lifetime is
+/// `exp - iat`, and an `iat` in the future (beyond the leeway) is refused: it would shorten the
+/// lifetime on paper. Without `iat`, what is left of the token (`exp - now`) must fit: a token
+/// minted without `iat` cannot outlive the limit from the moment it is used either.
+fn check_lifetime(
+    claims: &serde_json::Map<String, serde_json::Value>,
+    max: u64,
+    leeway: u64,
+    now: u64,
+) -> Result<(), &'static str> {
+    // `exp` is required and was checked by `decode`.
+    let exp = claims
+        .get("exp")
+        .and_then(numeric_date)
+        .ok_or("the token is malformed")?;
+    let (now, max, leeway) = (i128::from(now), i128::from(max), i128::from(leeway));
+    let too_long = match claims.get("iat") {
+        Some(iat) => {
+            let iat = numeric_date(iat).ok_or("the token's `iat` is not a time")?;
+            if iat > now + leeway {
+                return Err("the token's `iat` is in the future");
+            }
+            exp - iat > max
+        }
+        None => exp - now > max + leeway,
+    };
+    if too_long {
+        return Err("the token's lifetime exceeds the maximum this gateway accepts");
+    }
+    Ok(())
 }
 
 /// A compact JWS: three base64url parts, the first a JSON header.
@@ -378,6 +470,83 @@ mod tests {
             assert!(message.contains(reason), "{message} should mention {reason}");
             assert!(!message.contains(SECRET));
         }
+    }
+
+    #[tokio::test]
+    async fn a_maximum_lifetime_refuses_long_lived_tokens() {
+        let settings = serde_json::json!({
+            "hs256_secret": SECRET, "issuer": "https://idp.example", "audience": "komilion",
+            "account_claim": "org", "max_lifetime_secs": 3600
+        });
+        let p = JwtAuth::new(settings_from(&settings).unwrap(), None).unwrap();
+        // One clock reading for every claim: lifetimes are compared to the second.
+        let t = now();
+        let with = |pairs: &[(&str, serde_json::Value)]| {
+            let mut c = good();
+            c.as_object_mut().unwrap().remove("nbf");
+            for (k, v) in pairs {
+                c[*k] = v.clone();
+            }
+            token(c, SECRET)
+        };
+        let ok = [
+            with(&[("iat", t.into()), ("exp", (t + 3600).into())]),
+            // Issued a while ago, expiring soon: the lifetime is what counts, not what is left.
+            with(&[("iat", (t - 3000).into()), ("exp", (t + 600).into())]),
+            // No `iat`: what is left of it fits.
+            with(&[("exp", (t + 600).into())]),
+            // A fractional NumericDate.
+            with(&[("iat", (t as f64 + 0.5).into()), ("exp", (t + 60).into())]),
+        ];
+        for tok in ok {
+            call(&p, &tok).await.expect("within the maximum lifetime");
+        }
+        let refused = [
+            (with(&[("iat", t.into()), ("exp", (t + 3601).into())]), "lifetime"),
+            (
+                with(&[("iat", (t - 86_400).into()), ("exp", (t + 60).into())]),
+                "lifetime",
+            ),
+            (with(&[("exp", (t + 7200).into())]), "lifetime"),
+            (
+                with(&[("iat", (t + 600).into()), ("exp", (t + 900).into())]),
+                "`iat` is in the future",
+            ),
+            (with(&[("iat", "yesterday".into())]), "`iat` is not a time"),
+        ];
+        for (tok, reason) in refused {
+            let (status, message) = call(&p, &tok).await.unwrap_err();
+            assert_eq!(status, 401);
+            assert!(message.contains(reason), "{message} should mention {reason}");
+        }
+        // Without the setting, a day-long token is fine.
+        let long = with(&[("iat", t.into()), ("exp", (t + 86_400).into())]);
+        call(&plugin(), &long).await.expect("no maximum lifetime by default");
+
+        let zero = serde_json::json!({"hs256_secret": SECRET, "max_lifetime_secs": 0});
+        assert_eq!(
+            JwtAuth::new(settings_from(&zero).unwrap(), None).err().unwrap()[0].path,
+            "max_lifetime_secs"
+        );
+    }
+
+    #[test]
+    fn unset_issuer_and_audience_are_warned_about() {
+        let paths =
+            |settings: serde_json::Value| -> Vec<String> { warnings(&settings).into_iter().map(|i| i.path).collect() };
+        assert_eq!(
+            paths(serde_json::json!({"hs256_secret": SECRET})),
+            ["issuer", "audience"]
+        );
+        assert_eq!(
+            paths(serde_json::json!({"hs256_secret": SECRET, "issuer": "https://idp.example"})),
+            ["audience"]
+        );
+        assert!(paths(serde_json::json!({"hs256_secret": SECRET, "issuer": "i", "audience": "a"})).is_empty());
+        assert!(
+            paths(serde_json::json!({"hs256_secret": 5})).is_empty(),
+            "errors are not warnings"
+        );
     }
 
     #[test]

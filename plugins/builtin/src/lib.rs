@@ -7,7 +7,7 @@ pub mod rate_limit;
 pub mod request_id;
 pub mod static_key_auth;
 
-use komilion_sdk::PluginRegistry;
+use komilion_sdk::{ConfigIssue, PluginRegistry, PluginSettings};
 
 /// The registry of every built-in plugin, by the name the config's `plugins:` list uses.
 pub fn builtin_registry() -> PluginRegistry {
@@ -19,4 +19,13 @@ pub fn builtin_registry() -> PluginRegistry {
         .register(jwt_auth::NAME, jwt_auth::JwtAuth::build)
         .register(rate_limit::NAME, rate_limit::RateLimit::build);
     registry
+}
+
+/// What `komilion check` warns about in a built-in plugin's settings: choices that work but are
+/// likely not what the operator wants. Paths are relative to the plugin's `settings`.
+pub fn settings_warnings(name: &str, settings: &PluginSettings) -> Vec<ConfigIssue> {
+    match name {
+        jwt_auth::NAME => jwt_auth::warnings(settings),
+        _ => Vec::new(),
+    }
 }

@@ -200,12 +200,19 @@ impl ChatRequest {
         if !self.stream || self.include_usage || self.overrides.iter().any(|(k, _)| k.as_ref() == "stream_options") {
             return;
         }
-        let mut opts = self
-            .field("stream_options")
-            .and_then(|t| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(t).ok())
-            .unwrap_or_default();
-        opts.insert("include_usage".into(), serde_json::Value::Bool(true));
-        let json = serde_json::Value::Object(opts).to_string();
+        // The client's other options are copied as raw JSON, like the body's fields: re-encoding
+        // them through `serde_json::Value` could change a float in its last digit, and would
+        // drop them all for a number outside `f64`'s range.
+        let mut json = String::from("{");
+        if let Some(TopLevel(members)) = self.field("stream_options").and_then(|t| serde_json::from_str(t).ok()) {
+            for (key, value) in members.iter().filter(|(k, _)| k != "include_usage") {
+                json.push_str(&json_string(key));
+                json.push(':');
+                json.push_str(value.get());
+                json.push(',');
+            }
+        }
+        json.push_str("\"include_usage\":true}");
         self.set_field("stream_options", json);
     }
 
@@ -477,6 +484,22 @@ mod tests {
         assert_eq!(v["seed"], 7);
         assert_eq!(v["messages"][0]["content"], "q");
         assert_eq!(r.model, "auto", "the client's model is kept for the usage record");
+    }
+
+    #[test]
+    fn the_clients_other_stream_options_are_copied_as_sent() {
+        let body = r#"{"model":"m","stream":true,"stream_options":{"x":-7.676878446884917e+186,"big":1e400,"include_usage":false},"messages":[]}"#;
+        let mut r = parse(body).unwrap();
+        r.request_upstream_usage(true);
+        assert_eq!(
+            r.field("stream_options"),
+            Some(r#"{"x":-7.676878446884917e+186,"big":1e400,"include_usage":true}"#)
+        );
+        assert!(
+            parse(std::str::from_utf8(&r.upstream_body()).unwrap())
+                .unwrap()
+                .include_usage
+        );
     }
 
     #[test]
