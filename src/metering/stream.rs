@@ -45,6 +45,9 @@ pub enum Inspected {
     Drop,
     /// The event is not what an OpenAI stream carries; end the stream.
     Malformed(String),
+    /// An error the provider reports in the stream (`{"error": …}`): sent on after the
+    /// relay masked any secret it quotes.
+    Error(Bytes),
 }
 
 impl StreamMeter {
@@ -76,6 +79,7 @@ impl StreamMeter {
         let mut empty_choices = false;
         for (key, value) in &members.0 {
             match key.as_ref() {
+                "error" => return Inspected::Error(event),
                 "usage" => usage_member = Some(*value),
                 "choices" => match serde_json::from_str::<Vec<Choice<'_>>>(value.get()) {
                     Ok(choices) => {
