@@ -151,7 +151,9 @@ fn should_fall_back(status: u16) -> bool {
 fn upstream_auth_failed(provider: &str, status: u16) -> ApiError {
     ApiError::new(
         ErrorKind::BadGateway,
-        format!("The provider `{provider}` refused the gateway's credentials (HTTP {status}); the operator has been told."),
+        format!(
+            "The provider `{provider}` refused the gateway's credentials (HTTP {status}); the operator has been told."
+        ),
     )
     .with_code("upstream_auth_failed")
 }
@@ -212,14 +214,14 @@ impl Gateway {
             self.chain.on_upstream_status(candidate, status, &mut ctx.exchange);
             if let Answer::Whole { body, .. } = &answer {
                 if !(200..300).contains(&status) {
-                    // The raw body, masked the same way as what the client may get.
-                    tracing::warn!(
-                        provider = upstream.name(),
-                        request_id = %ctx.exchange.request_id,
-                        status,
-                        "the provider answered an error: {}",
-                        self.upstreams.scrubber.scrub_bytes(&body[..body.len().min(4096)])
-                    );
+                    // The raw body, masked the same way as what the client may get; loud for
+                    // what an operator must act on, quiet for a client's own mistakes.
+                    let masked = self.upstreams.scrubber.scrub_bytes(&body[..body.len().min(4096)]);
+                    if status >= 500 || status == 401 || status == 403 {
+                        tracing::warn!(provider = upstream.name(), request_id = %ctx.exchange.request_id, status, "the provider answered an error: {masked}");
+                    } else {
+                        tracing::debug!(provider = upstream.name(), request_id = %ctx.exchange.request_id, status, "the provider answered an error: {masked}");
+                    }
                 }
             }
             if status == 401 || status == 403 {

@@ -70,10 +70,7 @@ impl Scrubber {
             }
             let start = start.max(at);
             // Keep four characters of the secret for the operator, mask the rest.
-            let keep = text[start..end]
-                .char_indices()
-                .nth(4)
-                .map_or(end, |(i, _)| start + i);
+            let keep = text[start..end].char_indices().nth(4).map_or(end, |(i, _)| start + i);
             out.push_str(&text[at..keep]);
             out.push_str(MASK);
             at = end;
@@ -129,12 +126,22 @@ fn find_prefixed_keys(text: &str, ranges: &mut Vec<(usize, usize)>) {
 
 /// The string value of a JSON member whose name says it is a credential.
 fn find_credential_members(text: &str, ranges: &mut Vec<(usize, usize)>) {
-    const NAMES: [&str; 7] = ["key", "token", "secret", "password", "authorization", "credential", "cookie"];
+    const NAMES: [&str; 7] = [
+        "key",
+        "token",
+        "secret",
+        "password",
+        "authorization",
+        "credential",
+        "cookie",
+    ];
     let bytes = text.as_bytes();
     let mut search = 0;
     while let Some(q) = text[search..].find('"') {
         let name_start = search + q + 1;
-        let Some(len) = text[name_start..].find('"') else { return };
+        let Some(len) = text[name_start..].find('"') else {
+            return;
+        };
         let name_end = name_start + len;
         let name = &text[name_start..name_end];
         search = name_end + 1;
