@@ -48,6 +48,8 @@ pub struct Metrics {
     pub usage_dead_letters: IntCounter,
     /// Paid Stripe checkouts that credited no wallet (kept for an operator).
     pub stripe_unmatched: IntCounter,
+    /// Provider stream events over `limits.stream_event_max_bytes` (the stream was ended).
+    pub stream_events_too_large: IntCounter,
     /// 1 while the spool accepts records, 0 while it cannot (disk full, read-only): paid
     /// requests are then refused with 503 before they are forwarded.
     pub spool_writable: IntGauge,
@@ -170,6 +172,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Paid Stripe checkouts that credited no wallet (unknown account, other currency); see GET /admin/v1/payments/unmatched."
         )
         .expect("register komilion_stripe_unmatched_total"),
+        stream_events_too_large: register_int_counter!(
+            "komilion_stream_events_too_large_total",
+            "Provider stream events over limits.stream_event_max_bytes; each ended its stream with an error event."
+        )
+        .expect("register komilion_stream_events_too_large_total"),
         spool_writable: register_int_gauge!(
             "komilion_usage_spool_writable",
             "1 while the usage spool accepts records; 0 while paid requests are refused for it."

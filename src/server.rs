@@ -202,6 +202,7 @@ pub fn build_server(config: &Config, mut opt: Opt) -> Result<Server, BuildError>
         models: ModelTable::new(&config.providers),
         connector: Connector::new(Some(ConnectorOptions::from_server_conf(&conf))),
         max_body_bytes: config.max_body_bytes,
+        stream_limits: config.stream_limits,
         stripe: config.stripe.as_ref().map(|s| StripeEndpoint {
             secret: s.webhook_secret.clone(),
             tolerance_secs: s.tolerance_secs,

@@ -181,12 +181,20 @@ impl Default for ListenSection {
 pub struct LimitsSection {
     /// Largest request body accepted; larger ones get 413. Default 8 MiB.
     pub max_body_bytes: u64,
+    /// Largest provider stream event accepted (an event still waiting for its blank line
+    /// counts); past it the client's stream ends with an error event. Default 4 MiB.
+    pub stream_event_max_bytes: u64,
+    /// Delivered output a stream keeps before counting its tokens (for a stream that ends
+    /// without usage). Default 16 KiB; at most 1 MiB.
+    pub stream_count_window_bytes: u64,
 }
 
 impl Default for LimitsSection {
     fn default() -> Self {
         LimitsSection {
             max_body_bytes: 8 * 1024 * 1024,
+            stream_event_max_bytes: 4 * 1024 * 1024,
+            stream_count_window_bytes: 16 * 1024,
         }
     }
 }

@@ -57,12 +57,30 @@ pub struct ProviderConfig {
     pub stream_usage: bool,
 }
 
+/// What one streamed answer may make the gateway keep (see `limits` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    pub max_event_bytes: usize,
+    pub count_window_bytes: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        let limits = LimitsSection::default();
+        StreamLimits {
+            max_event_bytes: limits.stream_event_max_bytes as usize,
+            count_window_bytes: limits.stream_count_window_bytes as usize,
+        }
+    }
+}
+
 /// The validated config the gateway runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerSection,
     pub listen: ListenSection,
     pub max_body_bytes: usize,
+    pub stream_limits: StreamLimits,
     pub providers: Vec<ProviderConfig>,
     pub plugins: Vec<PluginSection>,
     /// `sqlite://PATH` or `postgres://…`; none means no accounts (static keys only).
@@ -112,6 +130,18 @@ impl Config {
     fn validate(file: FileConfig, issues: &mut Vec<ConfigIssue>) -> Config {
         if file.limits.max_body_bytes == 0 {
             issues.push(ConfigIssue::new("limits.max_body_bytes", "must be greater than 0"));
+        }
+        if !(1024..=1024 * 1024 * 1024).contains(&file.limits.stream_event_max_bytes) {
+            issues.push(ConfigIssue::new(
+                "limits.stream_event_max_bytes",
+                "must be between 1024 (1 KiB) and 1073741824 (1 GiB)",
+            ));
+        }
+        if !(1024..=1024 * 1024).contains(&file.limits.stream_count_window_bytes) {
+            issues.push(ConfigIssue::new(
+                "limits.stream_count_window_bytes",
+                "must be between 1024 (1 KiB) and 1048576 (1 MiB)",
+            ));
         }
         if file.listen.gateway.is_empty() {
             issues.push(ConfigIssue::new("listen.gateway", "at least one address is required"));
@@ -228,6 +258,10 @@ impl Config {
             server: file.server,
             listen: file.listen,
             max_body_bytes: file.limits.max_body_bytes as usize,
+            stream_limits: StreamLimits {
+                max_event_bytes: file.limits.stream_event_max_bytes as usize,
+                count_window_bytes: file.limits.stream_count_window_bytes as usize,
+            },
             providers,
             plugins: file.plugins,
             store: file.store,

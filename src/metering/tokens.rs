@@ -35,18 +35,40 @@ pub fn count_text(model: &str, text: &str) -> u64 {
     count_bounded(encoding_for(model), text)
 }
 
+/// The last point in `text` where tiktoken's pre-tokenizer splits anyway: a space between a
+/// non-space character and a letter (`abc| def`). Tokens never span pre-token boundaries, so
+/// counting the two sides apart gives the same total. Text with no such point (one long run
+/// without spaces) is cut at its end, off by a token at most.
+pub fn token_boundary(text: &str) -> usize {
+    let bytes = text.as_bytes();
+    (1..bytes.len().saturating_sub(1))
+        .rev()
+        .find(|&i| bytes[i] == b' ' && !bytes[i - 1].is_ascii_whitespace() && bytes[i + 1].is_ascii_alphabetic())
+        .unwrap_or(text.len())
+}
+
+/// The first such split point in `text`.
+fn first_token_boundary(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    (1..bytes.len().saturating_sub(1))
+        .find(|&i| bytes[i] == b' ' && !bytes[i - 1].is_ascii_whitespace() && bytes[i + 1].is_ascii_alphabetic())
+}
+
 fn count_bounded(bpe: &CoreBPE, text: &str) -> u64 {
     if text.len() <= EXACT_BYTES {
         return bpe.encode_ordinary(text).len() as u64;
     }
+    // Samples end where the tokenizer splits anyway, so no token is cut in two.
     let mut head_end = SAMPLE_BYTES;
     while !text.is_char_boundary(head_end) {
         head_end -= 1;
     }
+    head_end = token_boundary(&text[..head_end]);
     let mut tail_start = text.len() - SAMPLE_BYTES;
     while !text.is_char_boundary(tail_start) {
         tail_start += 1;
     }
+    tail_start += first_token_boundary(&text[tail_start..]).unwrap_or(0);
     let (head, tail) = (&text[..head_end], &text[tail_start..]);
     let sampled = (bpe.encode_ordinary(head).len() + bpe.encode_ordinary(tail).len()) as u128;
     let sample_bytes = (head.len() + tail.len()) as u128;
@@ -92,6 +114,9 @@ mod tests {
         let exact = encoding_for("gpt-4o").encode_ordinary(&text).len() as f64;
         let sampled = count_text("gpt-4o", &text) as f64;
         assert!((sampled - exact).abs() / exact < 0.01, "{sampled} vs {exact}");
+        // Uniform text is counted exactly: the samples end at split points.
+        let hellos = " hello".repeat(200_000);
+        assert_eq!(count_text("gpt-4o-mini", &hellos), 200_000);
         // The worst case for BPE, one run without spaces, costs no more than the samples.
         let run = "x".repeat(4 * 1024 * 1024);
         let tokens = count_text("gpt-4o", &run);

@@ -28,9 +28,6 @@ use std::time::{Duration, Instant};
 const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
 /// How long a pooled connection may idle after being released.
 const POOL_IDLE: Duration = Duration::from_secs(60);
-/// Largest stream event accepted from a provider (an event still waiting for its blank line
-/// counts): past it the client's stream ends with an error event.
-const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
 /// Times a request is re-sent when a pooled connection turns out to be closed.
 const STALE_RETRIES: usize = 2;
 
@@ -430,7 +427,7 @@ impl Gateway {
         let mut relay = StreamRelay::new(
             !chat.include_usage,
             &model,
-            MAX_EVENT_BYTES,
+            self.stream_limits,
             self.upstreams.scrubber.clone(),
         );
         // Events that arrived together leave together: a provider sends each event as its own

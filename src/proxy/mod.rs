@@ -44,6 +44,8 @@ pub struct Gateway {
     pub models: ModelTable,
     pub connector: Connector,
     pub max_body_bytes: usize,
+    /// What one streamed answer may make the gateway keep.
+    pub stream_limits: crate::config::StreamLimits,
     /// Stripe top-ups, when configured.
     pub stripe: Option<StripeEndpoint>,
     /// Model prices and limits.

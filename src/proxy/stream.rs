@@ -33,11 +33,16 @@ pub struct Fed {
 impl StreamRelay {
     /// `strip_usage`: the usage chunk was requested for the gateway, not the client. `model`
     /// names the tokenizer that counts delivered output if no usage arrives.
-    pub fn new(strip_usage: bool, model: &str, max_event: usize, scrubber: Arc<Scrubber>) -> StreamRelay {
+    pub fn new(
+        strip_usage: bool,
+        model: &str,
+        limits: crate::config::StreamLimits,
+        scrubber: Arc<Scrubber>,
+    ) -> StreamRelay {
         StreamRelay {
             splitter: SseSplitter::new(),
-            meter: StreamMeter::new(strip_usage, model),
-            max_event,
+            meter: StreamMeter::with_window(strip_usage, model, limits.count_window_bytes),
+            max_event: limits.max_event_bytes,
             broken: None,
             scrubber,
         }
@@ -66,6 +71,7 @@ impl StreamRelay {
                 return None;
             }
             if raw.len() > *max_event {
+                crate::metrics::METRICS.stream_events_too_large.inc();
                 *broken = Some(format!(
                     "the provider sent an event over the limit of {max_event} bytes"
                 ));
@@ -102,6 +108,7 @@ impl StreamRelay {
             }
         });
         if broken.is_none() && splitter.buffered() > *max_event {
+            crate::metrics::METRICS.stream_events_too_large.inc();
             *broken = Some(format!(
                 "the provider sent an event over the limit of {max_event} bytes"
             ));

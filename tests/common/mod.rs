@@ -165,6 +165,10 @@ impl GatewayProcess {
 }
 
 impl GatewayProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no shutdown work at all.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
