@@ -78,13 +78,48 @@ fn count_bounded(bpe: &CoreBPE, text: &str) -> u64 {
 
 /// Tokens of a chat prompt as OpenAI counts them: 3 per message plus its role and content, and
 /// 3 priming the reply.
+///
+/// The tokenizer sees at most about [`EXACT_BYTES`] of the whole prompt, however many messages
+/// it has: once that budget is spent, further messages are estimated at the tokens per byte
+/// measured so far.
 pub fn count_chat_prompt(model: &str, messages: &[ChatMessage]) -> u64 {
     let bpe = encoding_for(model);
-    let per_message: u64 = messages
-        .iter()
-        .map(|m| 3 + count_bounded(bpe, &m.role) + count_bounded(bpe, &m.text))
-        .sum();
-    per_message + 3
+    let mut budget = EXACT_BYTES;
+    let (mut counted_bytes, mut counted_tokens) = (0u64, 0u64);
+    let mut total = 3;
+    for m in messages {
+        let text = m.text.as_str();
+        let tokens = if text.len() <= budget {
+            budget -= text.len();
+            bpe.encode_ordinary(text).len() as u64
+        } else if budget == EXACT_BYTES {
+            // The first long message: its own samples are the measure.
+            budget = 0;
+            count_bounded(bpe, text)
+        } else {
+            budget = 0;
+            let per_byte = if counted_bytes > 0 {
+                counted_tokens as f64 / counted_bytes as f64
+            } else {
+                0.25
+            };
+            (text.len() as f64 * per_byte).ceil() as u64
+        };
+        counted_bytes += text.len() as u64;
+        counted_tokens += tokens;
+        total += 3 + bpe.encode_ordinary(truncate(&m.role, 64)).len() as u64 + tokens;
+    }
+    total
+}
+
+/// At most `max` bytes of `text`, on a character boundary (roles are short; a client's are not
+/// trusted to be).
+fn truncate(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 #[cfg(test)]
@@ -114,6 +149,23 @@ mod tests {
         let exact = encoding_for("gpt-4o").encode_ordinary(&text).len() as f64;
         let sampled = count_text("gpt-4o", &text) as f64;
         assert!((sampled - exact).abs() / exact < 0.01, "{sampled} vs {exact}");
+        // Many long messages cost no more than one: the budget is per prompt.
+        let messages: Vec<ChatMessage> = (0..20)
+            .map(|_| ChatMessage {
+                role: "user".into(),
+                text: "Lorem ipsum dolor sit amet. ".repeat(2300),
+            })
+            .collect();
+        let exact: u64 = messages
+            .iter()
+            .map(|m| 3 + 1 + encoding_for("gpt-4o").encode_ordinary(&m.text).len() as u64)
+            .sum::<u64>()
+            + 3;
+        let estimate = count_chat_prompt("gpt-4o", &messages);
+        assert!(
+            (estimate as f64 - exact as f64).abs() / (exact as f64) < 0.01,
+            "{estimate} vs {exact}"
+        );
         // Uniform text is counted exactly: the samples end at split points.
         let hellos = " hello".repeat(200_000);
         assert_eq!(count_text("gpt-4o-mini", &hellos), 200_000);
