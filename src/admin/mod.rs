@@ -21,7 +21,7 @@
 
 pub mod ops;
 
-use crate::proxy::body::read_body;
+use crate::proxy::body::{read_body, DEFAULT_BODY_TIMEOUT};
 use crate::secrets::MasterKeys;
 use crate::store::cache::StoreSlot;
 use crate::store::Store;
@@ -74,10 +74,12 @@ impl AdminApi {
 
     async fn body<T: DeserializeOwned>(session: &mut Session) -> Result<T, OpError> {
         let mut timing = Timing::new(Instant::now());
-        let raw = read_body(session, MAX_ADMIN_BODY, &mut timing)
+        let raw = read_body(session, MAX_ADMIN_BODY, DEFAULT_BODY_TIMEOUT, &mut timing)
             .await
             .map_err(|e| match e {
-                crate::proxy::body::BodyError::TooLarge(e) => OpError::BadRequest(e.message),
+                crate::proxy::body::BodyError::TooLarge(e) | crate::proxy::body::BodyError::TimedOut(e) => {
+                    OpError::BadRequest(e.message)
+                }
                 crate::proxy::body::BodyError::ClientGone => {
                     OpError::BadRequest("the request body was cut short".into())
                 }

@@ -407,10 +407,9 @@ impl Gateway {
         };
         let _ = resp.insert_header(http::header::CACHE_CONTROL, "no-cache");
         // Without a length or chunked framing Pingora ends an HTTP/1.1 body by closing the
-        // connection; say chunked so the client's connection stays reusable.
-        if !session.is_http2() {
-            let _ = resp.insert_header(http::header::TRANSFER_ENCODING, "chunked");
-        }
+        // connection; chunked keeps the client's connection reusable (HTTP/1.0 clients get
+        // the close-delimited body they understand).
+        super::frame_unknown_length(session, &mut resp);
         ctx.status = 200;
         let model = ctx.exchange.routed_model.clone().unwrap_or_default();
         // Pingora sends the header in a write of its own; corked until the first events are
