@@ -294,11 +294,19 @@ async fn read_head(conn: &mut EdgeStream, limits: &ClientLimits, wait: Wait, shu
             Some(deadline) => (deadline, "head"),
             None => (Instant::now() + limits.idle_keepalive, "idle"),
         };
-        // Biased: bytes already here are taken even when shutdown has begun, as Pingora does.
-        let read = tokio::select! {
-            biased;
-            read = tokio::time::timeout_at(until, conn.fill()) => read,
-            _ = shutdown.wait_for(|down| *down) => return Head::Close,
+        // A new connection's first request is read even when shutdown has begun (as Pingora
+        // does, `apps/mod.rs:345-360`): the client connected before the listener closed and is
+        // owed an answer, and the head deadline bounds the wait. Only a kept-alive connection
+        // waiting for its next request is closed at shutdown. Biased: bytes already here are
+        // taken first.
+        let read = if matches!(wait, Wait::Head(_)) {
+            tokio::time::timeout_at(until, conn.fill()).await
+        } else {
+            tokio::select! {
+                biased;
+                read = tokio::time::timeout_at(until, conn.fill()) => read,
+                _ = shutdown.wait_for(|down| *down) => return Head::Close,
+            }
         };
         match read {
             Ok(Ok(0)) | Ok(Err(_)) => return Head::Close,

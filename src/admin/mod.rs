@@ -52,6 +52,10 @@ pub struct AdminApi {
 type Reply = Result<(u16, Option<Value>), OpError>;
 
 impl AdminApi {
+    async fn store_opened(&self) -> Option<Arc<dyn Store>> {
+        crate::store::cache::opened(&self.store).await.cloned()
+    }
+
     pub fn new(store: StoreSlot, token: &str, master_keys: Option<Arc<MasterKeys>>) -> AdminApi {
         AdminApi {
             store,
@@ -89,9 +93,8 @@ impl AdminApi {
 
     async fn route(&self, session: &mut Session) -> Reply {
         let store: Arc<dyn Store> = self
-            .store
-            .get()
-            .cloned()
+            .store_opened()
+            .await
             .ok_or_else(|| OpError::Unavailable("the store is still opening".into()))?;
         let store = store.as_ref();
         let method = session.req_header().method.clone();
@@ -180,9 +183,8 @@ impl AdminApi {
     /// Stream an account's usage. Errors before the first byte are answered as JSON.
     async fn export(&self, session: &mut Session, account_id: &str) -> Result<(), OpError> {
         let store = self
-            .store
-            .get()
-            .cloned()
+            .store_opened()
+            .await
             .ok_or_else(|| OpError::Unavailable("the store is still opening".into()))?;
         store.get_account(account_id).await?;
         let query =

@@ -51,9 +51,8 @@ impl Gateway {
                     .into(),
             );
         }
-        let store = endpoint
-            .store
-            .get()
+        let store = crate::store::cache::opened(&endpoint.store)
+            .await
             .ok_or_else(|| ApiError::new(ErrorKind::Unavailable, "The store is still opening.").with_retry_after(1))?;
         match handle_event(store.as_ref(), &payload).await {
             Ok(outcome) => {
