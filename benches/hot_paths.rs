@@ -252,5 +252,28 @@ fn metering(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, sse, json, chain, warm_key_auth, metering);
+/// Counting a 2 MB prompt (a client that hangs up before usage, a tight wallet): the whole
+/// text through the tokenizer, as before bounded counting, against today's samples.
+fn big_prompt(c: &mut Criterion) {
+    let text = ("Lorem".to_owned() + &"x".repeat(995) + " ").repeat(2000);
+    let messages = [komilion_sdk::ChatMessage {
+        role: "user".into(),
+        text: text.clone(),
+    }];
+    let mut group = c.benchmark_group("2 MB prompt token count");
+    group.sample_size(10);
+    group.bench_function("whole text (before)", |b| {
+        b.iter(|| {
+            komilion::metering::tokens::encoding_for("gpt-4o-mini")
+                .encode_ordinary(&text)
+                .len()
+        })
+    });
+    group.bench_function("bounded samples (now)", |b| {
+        b.iter(|| komilion::metering::tokens::count_chat_prompt("gpt-4o-mini", &messages))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, sse, json, chain, warm_key_auth, metering, big_prompt);
 criterion_main!(benches);

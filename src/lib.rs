@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod chain;
 pub mod config;
 pub mod demo;
+pub mod edge;
 pub mod metering;
 pub mod metrics;
 pub mod mock_provider;

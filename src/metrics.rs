@@ -48,6 +48,8 @@ pub struct Metrics {
     pub usage_dead_letters: IntCounter,
     /// Paid Stripe checkouts that credited no wallet (kept for an operator).
     pub stripe_unmatched: IntCounter,
+    /// Provider stream events over `limits.stream_event_max_bytes` (the stream was ended).
+    pub stream_events_too_large: IntCounter,
     /// 1 while the spool accepts records, 0 while it cannot (disk full, read-only): paid
     /// requests are then refused with 503 before they are forwarded.
     pub spool_writable: IntGauge,
@@ -59,6 +61,16 @@ pub struct Metrics {
     pub active_leases: IntGauge,
     /// Alert webhooks delivered and failed.
     pub alerts: IntCounterVec,
+    /// Connections closed because the client was too slow, by phase (`head`: the request head
+    /// missed its deadline; `body`: the body did; `idle`: a kept-alive connection sent nothing).
+    pub client_timeouts: IntCounterVec,
+    /// Request heads refused before routing, by reason (`malformed`, `too_large`,
+    /// `missing_host`, `framing`, `method`); late heads are in `client_timeouts`.
+    pub bad_heads: IntCounterVec,
+    /// Open client connections by listener address.
+    pub connections_open: IntGaugeVec,
+    /// Connections refused (503, closed) because their listener was at its cap.
+    pub connections_refused: IntCounterVec,
 }
 
 /// Seconds buckets from 10 µs to 2.5 s, for the gateway's own overhead.
@@ -170,6 +182,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Paid Stripe checkouts that credited no wallet (unknown account, other currency); see GET /admin/v1/payments/unmatched."
         )
         .expect("register komilion_stripe_unmatched_total"),
+        stream_events_too_large: register_int_counter!(
+            "komilion_stream_events_too_large_total",
+            "Provider stream events over limits.stream_event_max_bytes; each ended its stream with an error event."
+        )
+        .expect("register komilion_stream_events_too_large_total"),
         spool_writable: register_int_gauge!(
             "komilion_usage_spool_writable",
             "1 while the usage spool accepts records; 0 while paid requests are refused for it."
@@ -190,6 +207,30 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             .expect("register komilion_wallet_leases_active"),
         alerts: register_int_counter_vec!("komilion_alerts_total", "Alert webhooks by outcome.", &["outcome"])
             .expect("register komilion_alerts_total"),
+        client_timeouts: register_int_counter_vec!(
+            "komilion_client_timeouts_total",
+            "Client connections closed for being too slow, by phase (head, body, idle).",
+            &["phase"]
+        )
+        .expect("register komilion_client_timeouts_total"),
+        bad_heads: register_int_counter_vec!(
+            "komilion_bad_request_heads_total",
+            "Request heads refused before routing, by reason.",
+            &["reason"]
+        )
+        .expect("register komilion_bad_request_heads_total"),
+        connections_open: register_int_gauge_vec!(
+            "komilion_connections_open",
+            "Open client connections by listener.",
+            &["listener"]
+        )
+        .expect("register komilion_connections_open"),
+        connections_refused: register_int_counter_vec!(
+            "komilion_connections_refused_total",
+            "Connections refused because their listener was at max_connections_per_listener.",
+            &["listener"]
+        )
+        .expect("register komilion_connections_refused_total"),
     };
     m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
     m

@@ -5,6 +5,7 @@ use crate::admin::AdminApi;
 use crate::billing::wallet::WalletBook;
 use crate::chain::PluginChain;
 use crate::config::Config;
+use crate::edge::Edge;
 use crate::metrics::MetricsApp;
 use crate::proxy::{Billing, Gateway, StripeEndpoint};
 use crate::router::ModelTable;
@@ -15,6 +16,7 @@ use crate::upstream::{DnsRefresher, Upstreams};
 use crate::usage::spool::{SpoolMode, UsageSpool};
 use komilion_sdk::{ConfigIssue, PluginRegistry, PluginServices};
 use pingora::apps::http_app::HttpServer;
+use pingora::apps::HttpServerApp;
 use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -191,6 +193,18 @@ pub fn check_store(url: &str) -> Result<(), BuildError> {
         .map_err(|e| failed(e.to_string()))
 }
 
+/// A listening service for `app` on `addrs`, behind the edge's client limits.
+fn edge_service<A>(name: &str, app: A, config: &Config, addrs: &[&str]) -> Service<Edge<A>>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    let mut service = Service::new(name.to_owned(), Edge::new(app, config.client.clone(), addrs));
+    for addr in addrs {
+        service.add_tcp(addr);
+    }
+    service
+}
+
 /// The whole server, ready for `run_forever()`.
 pub fn build_server(config: &Config, mut opt: Opt) -> Result<Server, BuildError> {
     // Our config file is not Pingora's: hand Pingora its settings directly.
@@ -232,6 +246,8 @@ pub fn build_server(config: &Config, mut opt: Opt) -> Result<Server, BuildError>
         models: ModelTable::new(&config.providers),
         connector: Connector::new(Some(ConnectorOptions::from_server_conf(&conf))),
         max_body_bytes: config.max_body_bytes,
+        stream_limits: config.stream_limits,
+        body_timeout: config.client.body_timeout,
         stripe: config.stripe.as_ref().map(|s| StripeEndpoint {
             secret: s.webhook_secret.clone(),
             tolerance_secs: s.tolerance_secs,
@@ -245,24 +261,22 @@ pub fn build_server(config: &Config, mut opt: Opt) -> Result<Server, BuildError>
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "komilion gateway");
-    for addr in &config.listen.gateway {
-        proxy.add_tcp(addr);
-    }
-    server.add_service(proxy);
+    // Every listener runs its app behind the edge's limits (slow clients, connection caps,
+    // the gateway's own 400s); see `edge.rs` for why that is not a Pingora hook.
+    let gateway_addrs: Vec<&str> = config.listen.gateway.iter().map(String::as_str).collect();
+    let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
+    server.add_service(edge_service("komilion gateway", proxy, config, &gateway_addrs));
 
     if let Some(admin) = &config.admin {
         let api = AdminApi::new(slot.clone(), &admin.token, master_keys.clone());
-        let mut service = pingora::proxy::http_proxy_service_with_name(&server.configuration, api, "komilion admin");
-        service.add_tcp(&admin.listen);
-        server.add_service(service);
+        let proxy = pingora::proxy::http_proxy(&server.configuration, api);
+        server.add_service(edge_service("komilion admin", proxy, config, &[&admin.listen]));
     }
 
     if let Some(addr) = &config.listen.metrics {
         let ready = config.store.as_ref().map(|_| slot.clone());
-        let mut metrics = Service::new("komilion metrics".to_owned(), HttpServer::new_app(MetricsApp { ready }));
-        metrics.add_tcp(addr);
-        server.add_service(metrics);
+        let app = HttpServer::new_app(MetricsApp { ready });
+        server.add_service(edge_service("komilion metrics", app, config, &[addr]));
     }
     if let (Some(url), Some(cache)) = (&config.store, cache) {
         let billing = billing.map(|b| BillingWork {

@@ -778,5 +778,9 @@ async fn the_hold_uses_the_larger_output_cap_and_repeated_keys_are_refused() {
     )
     .await;
     assert_eq!(status, 402, "{body}");
+    // Each of `n` answers may use the whole cap: 2 × 1,000,000 tokens, $1.20.
+    let (status, body) =
+        raw(r#"{"model":"gpt-4o-mini","n":2,"max_tokens":1000000,"messages":[{"role":"user","content":"hi"}]}"#).await;
+    assert_eq!(status, 402, "{body}");
     assert_eq!(mock.request_count(), 0);
 }

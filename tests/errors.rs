@@ -236,3 +236,69 @@ fn a_malformed_upstream_event_does_not_break_the_relay() {
         "the chunked body is terminated: {raw:?}"
     );
 }
+
+/// Send raw bytes and read the gateway's whole answer (it closes the connection after these):
+/// the status and the JSON body.
+fn raw_answer(port: u16, request: &[u8]) -> (u16, String, serde_json::Value) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(request).unwrap();
+    let raw = read_all(&mut s);
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no answer: {raw:?}"));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    (status, head.to_ascii_lowercase(), json)
+}
+
+/// What the gateway refuses before routing (a head it cannot read) is still answered in
+/// OpenAI's error shape, not with an empty page.
+#[test]
+fn heads_the_gateway_refuses_get_openai_errors() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mock = rt.block_on(mock_provider(Behavior::default()));
+    let gw = GatewayProcess::start(
+        &[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])],
+        "limits:\n  max_header_bytes: 16384\n",
+    );
+    let key = format!("authorization: Bearer {CLIENT_KEY}\r\n");
+    let cases = [
+        ("a malformed request line", "GARBAGE\r\n\r\n".to_owned(), 400, "malformed_request"),
+        (
+            "a malformed header",
+            format!("GET /v1/models HTTP/1.1\r\nhost: x\r\n{key}no colon here\r\n\r\n"),
+            400,
+            "malformed_request",
+        ),
+        (
+            "HTTP/1.1 without Host",
+            format!("GET /v1/models HTTP/1.1\r\n{key}\r\n"),
+            400,
+            "missing_host",
+        ),
+        (
+            "oversized headers",
+            format!("GET /v1/models HTTP/1.1\r\nhost: x\r\n{key}x-big: {}\r\n\r\n", "a".repeat(100_000)),
+            431,
+            "headers_too_large",
+        ),
+        (
+            "contradictory lengths",
+            format!("POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n{key}content-length: 2\r\ncontent-length: 3\r\n\r\n{{}}"),
+            400,
+            "invalid_framing",
+        ),
+    ];
+    for (what, request, status, code) in cases {
+        let (got, head, v) = raw_answer(gw.port, request.as_bytes());
+        assert_eq!(got, status, "{what}: {head} {v}");
+        assert!(head.contains("content-type: application/json"), "{what}: {head}");
+        assert!(head.contains("connection: close"), "{what}: {head}");
+        assert_openai_error(&v, Some(code));
+    }
+    // HTTP/1.0 needs no Host.
+    let (status, head, v) = raw_answer(gw.port, format!("GET /v1/models HTTP/1.0\r\n{key}\r\n").as_bytes());
+    assert_eq!(status, 200, "{head} {v}");
+    assert_eq!(v["object"], "list");
+}

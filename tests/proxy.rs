@@ -347,3 +347,41 @@ fn a_streamed_answer_keeps_the_connection_reusable() {
         assert!(text.contains("data: [DONE]"));
     }
 }
+
+/// An HTTP/1.0 client knows no chunked encoding: its stream is the bare SSE bytes, ended by
+/// closing the connection, whether or not it asked for keep-alive.
+#[test]
+fn an_http10_stream_is_close_delimited() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mock = rt.block_on(mock_provider(Behavior::default()));
+    let gw = GatewayProcess::start(&[ProviderSpec::new("sim", mock.base_url(), &["gpt-4o-mini"])], "");
+    let body = serde_json::to_vec(&chat_body("gpt-4o-mini", "old client", true)).unwrap();
+    for connection in ["", "connection: keep-alive\r\n"] {
+        let mut s = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.0\r\nauthorization: Bearer {CLIENT_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{connection}\r\n",
+            body.len()
+        )
+        .unwrap();
+        s.write_all(&body).unwrap();
+        // read_all returns only once the gateway closes the connection.
+        let raw = read_all(&mut s);
+        let (head, events) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{raw:?}"));
+        let head = head.to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("transfer-encoding"), "{head}");
+        assert!(!head.contains("content-length"), "{head}");
+        assert!(head.contains("connection: close"), "{connection:?}: {head}");
+        assert!(events.starts_with("data: {"), "no chunk framing: {events:?}");
+        let data = sse_data(events);
+        assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+        let content: String = data[..data.len() - 1]
+            .iter()
+            .map(|d| serde_json::from_str::<serde_json::Value>(d).unwrap())
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+            .collect();
+        assert!(!content.is_empty(), "{events:?}");
+    }
+}

@@ -214,7 +214,10 @@ async fn a_graceful_upgrade_under_load_fails_nothing_and_loses_no_record() {
     let mock = mock_provider(Default::default()).await;
     let (_db, url) = sqlite_url();
     let spool = tempfile::tempdir().unwrap();
-    let (mut gw, admin) = GatewayProcess::with_store(&sim(&mock), &url, STORE_PLUGINS, &spool_config(spool.path()));
+    // A grace period as in production: requests the old process accepted before it stopped
+    // listening finish there (with none, Pingora drops them at once).
+    let (mut gw, admin) =
+        GatewayProcess::with_store_grace(&sim(&mock), &url, STORE_PLUGINS, &spool_config(spool.path()), 3);
     let (account, _, secret) = admin.account_with_key(json!({"name": "u"}), Some("100")).await;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -255,8 +258,12 @@ async fn a_graceful_upgrade_under_load_fails_nothing_and_loses_no_record() {
                             failed.lock().unwrap().push(format!("{id}: body cut"));
                         }
                     }
-                    Ok(resp) => failed.lock().unwrap().push(format!("status {}", resp.status())),
-                    Err(e) => failed.lock().unwrap().push(e.to_string()),
+                    Ok(resp) => {
+                        let status = resp.status();
+                        let body = resp.text().await.unwrap_or_default();
+                        failed.lock().unwrap().push(format!("status {status}: {body}"));
+                    }
+                    Err(e) => failed.lock().unwrap().push(format!("{e:?}")),
                 }
             }
         }));

@@ -21,7 +21,7 @@
 
 pub mod ops;
 
-use crate::proxy::body::read_body;
+use crate::proxy::body::{read_body, DEFAULT_BODY_TIMEOUT};
 use crate::secrets::MasterKeys;
 use crate::store::cache::StoreSlot;
 use crate::store::Store;
@@ -52,6 +52,10 @@ pub struct AdminApi {
 type Reply = Result<(u16, Option<Value>), OpError>;
 
 impl AdminApi {
+    async fn store_opened(&self) -> Option<Arc<dyn Store>> {
+        crate::store::cache::opened(&self.store).await.cloned()
+    }
+
     pub fn new(store: StoreSlot, token: &str, master_keys: Option<Arc<MasterKeys>>) -> AdminApi {
         AdminApi {
             store,
@@ -74,10 +78,12 @@ impl AdminApi {
 
     async fn body<T: DeserializeOwned>(session: &mut Session) -> Result<T, OpError> {
         let mut timing = Timing::new(Instant::now());
-        let raw = read_body(session, MAX_ADMIN_BODY, &mut timing)
+        let raw = read_body(session, MAX_ADMIN_BODY, DEFAULT_BODY_TIMEOUT, &mut timing)
             .await
             .map_err(|e| match e {
-                crate::proxy::body::BodyError::TooLarge(e) => OpError::BadRequest(e.message),
+                crate::proxy::body::BodyError::TooLarge(e) | crate::proxy::body::BodyError::TimedOut(e) => {
+                    OpError::BadRequest(e.message)
+                }
                 crate::proxy::body::BodyError::ClientGone => {
                     OpError::BadRequest("the request body was cut short".into())
                 }
@@ -87,9 +93,8 @@ impl AdminApi {
 
     async fn route(&self, session: &mut Session) -> Reply {
         let store: Arc<dyn Store> = self
-            .store
-            .get()
-            .cloned()
+            .store_opened()
+            .await
             .ok_or_else(|| OpError::Unavailable("the store is still opening".into()))?;
         let store = store.as_ref();
         let method = session.req_header().method.clone();
@@ -188,9 +193,8 @@ impl AdminApi {
     /// Stream an account's usage. Errors before the first byte are answered as JSON.
     async fn export(&self, session: &mut Session, account_id: &str) -> Result<(), OpError> {
         let store = self
-            .store
-            .get()
-            .cloned()
+            .store_opened()
+            .await
             .ok_or_else(|| OpError::Unavailable("the store is still opening".into()))?;
         store.get_account(account_id).await?;
         let query =

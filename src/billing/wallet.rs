@@ -180,9 +180,8 @@ impl WalletBook {
             }
             (s.lease_id.clone(), s.available())
         };
-        let store = self
-            .store
-            .get()
+        let store = crate::store::cache::opened(&self.store)
+            .await
             .ok_or_else(|| WalletError::Unavailable("the store is still opening".into()))?;
         let min = (amount - available).max(1);
         let want = self.settings.lease_max.max(min);

@@ -176,17 +176,46 @@ impl Default for ListenSection {
     }
 }
 
+/// What one client may take from a listener: sizes, times and connections.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct LimitsSection {
     /// Largest request body accepted; larger ones get 413. Default 8 MiB.
     pub max_body_bytes: u64,
+    /// Largest provider stream event accepted (an event still waiting for its blank line
+    /// counts); past it the client's stream ends with an error event. Default 4 MiB.
+    pub stream_event_max_bytes: u64,
+    /// Delivered output a stream keeps before counting its tokens (for a stream that ends
+    /// without usage). Default 16 KiB; at most 1 MiB.
+    pub stream_count_window_bytes: u64,
+    /// Largest request head (request line and headers); larger ones get 431. Default 64 KiB.
+    pub max_header_bytes: u64,
+    /// Time a client has to send a whole request head: from accepting a new connection, or from
+    /// the first byte of the next request on a kept-alive one. Late heads get 408 and the
+    /// connection is closed. Default 10 s.
+    pub request_head_timeout_ms: u64,
+    /// Time a client has to send a whole request body, from the end of its head. Late bodies
+    /// get 408 and the connection is closed. Default 60 s.
+    pub body_timeout_ms: u64,
+    /// How long a kept-alive connection may wait for the first byte of its next request before
+    /// it is closed. Default 60 s.
+    pub idle_keepalive_ms: u64,
+    /// Open connections each listener accepts; the ones over it get 503 and are closed.
+    /// Default 10 000.
+    pub max_connections_per_listener: u64,
 }
 
 impl Default for LimitsSection {
     fn default() -> Self {
         LimitsSection {
             max_body_bytes: 8 * 1024 * 1024,
+            stream_event_max_bytes: 4 * 1024 * 1024,
+            stream_count_window_bytes: 16 * 1024,
+            max_header_bytes: 64 * 1024,
+            request_head_timeout_ms: 10_000,
+            body_timeout_ms: 60_000,
+            idle_keepalive_ms: 60_000,
+            max_connections_per_listener: 10_000,
         }
     }
 }

@@ -57,12 +57,32 @@ pub struct ProviderConfig {
     pub stream_usage: bool,
 }
 
+/// What one streamed answer may make the gateway keep (see `limits` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    pub max_event_bytes: usize,
+    pub count_window_bytes: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        let limits = LimitsSection::default();
+        StreamLimits {
+            max_event_bytes: limits.stream_event_max_bytes as usize,
+            count_window_bytes: limits.stream_count_window_bytes as usize,
+        }
+    }
+}
+
 /// The validated config the gateway runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerSection,
     pub listen: ListenSection,
     pub max_body_bytes: usize,
+    pub stream_limits: StreamLimits,
+    /// Time, size and connection limits on clients (the `limits` section but the body size).
+    pub client: crate::edge::ClientLimits,
     pub providers: Vec<ProviderConfig>,
     pub plugins: Vec<PluginSection>,
     /// `sqlite://PATH` or `postgres://…`; none means no accounts (static keys only).
@@ -113,6 +133,19 @@ impl Config {
         if file.limits.max_body_bytes == 0 {
             issues.push(ConfigIssue::new("limits.max_body_bytes", "must be greater than 0"));
         }
+        if !(1024..=1024 * 1024 * 1024).contains(&file.limits.stream_event_max_bytes) {
+            issues.push(ConfigIssue::new(
+                "limits.stream_event_max_bytes",
+                "must be between 1024 (1 KiB) and 1073741824 (1 GiB)",
+            ));
+        }
+        if !(1024..=1024 * 1024).contains(&file.limits.stream_count_window_bytes) {
+            issues.push(ConfigIssue::new(
+                "limits.stream_count_window_bytes",
+                "must be between 1024 (1 KiB) and 1048576 (1 MiB)",
+            ));
+        }
+        let client = validate_client_limits(&file.limits, issues);
         if file.listen.gateway.is_empty() {
             issues.push(ConfigIssue::new("listen.gateway", "at least one address is required"));
         }
@@ -228,6 +261,11 @@ impl Config {
             server: file.server,
             listen: file.listen,
             max_body_bytes: file.limits.max_body_bytes as usize,
+            stream_limits: StreamLimits {
+                max_event_bytes: file.limits.stream_event_max_bytes as usize,
+                count_window_bytes: file.limits.stream_count_window_bytes as usize,
+            },
+            client,
             providers,
             plugins: file.plugins,
             store: file.store,
@@ -238,6 +276,51 @@ impl Config {
             alerts,
             catalog,
         }
+    }
+}
+
+/// Longest time limit accepted: a day. A bound keeps deadlines (now + limit) from overflowing.
+const MAX_LIMIT_MS: u64 = 86_400_000;
+
+fn validate_client_limits(limits: &LimitsSection, issues: &mut Vec<ConfigIssue>) -> crate::edge::ClientLimits {
+    use crate::edge::{ClientLimits, PINGORA_MAX_HEADER_BYTES};
+    let mut millis = |field: &str, ms: u64| {
+        if !(1..=MAX_LIMIT_MS).contains(&ms) {
+            issues.push(ConfigIssue::new(
+                format!("limits.{field}"),
+                format!("must be 1 to {MAX_LIMIT_MS} milliseconds (a day), not {ms}"),
+            ));
+        }
+        Duration::from_millis(ms.clamp(1, MAX_LIMIT_MS))
+    };
+    let head_timeout = millis("request_head_timeout_ms", limits.request_head_timeout_ms);
+    let body_timeout = millis("body_timeout_ms", limits.body_timeout_ms);
+    let idle_keepalive = millis("idle_keepalive_ms", limits.idle_keepalive_ms);
+    // Pingora refuses heads over its own limit with a bare 400; ours must be below it so that
+    // an oversized head always gets our 431.
+    if !(1024..=PINGORA_MAX_HEADER_BYTES as u64).contains(&limits.max_header_bytes) {
+        issues.push(ConfigIssue::new(
+            "limits.max_header_bytes",
+            format!(
+                "must be 1024 to {PINGORA_MAX_HEADER_BYTES} bytes (Pingora's own limit), not {}",
+                limits.max_header_bytes
+            ),
+        ));
+    }
+    if limits.max_connections_per_listener == 0 {
+        issues.push(ConfigIssue::new(
+            "limits.max_connections_per_listener",
+            "must be at least 1",
+        ));
+    }
+    ClientLimits {
+        max_header_bytes: limits.max_header_bytes.clamp(1024, PINGORA_MAX_HEADER_BYTES as u64) as usize,
+        head_timeout,
+        body_timeout,
+        idle_keepalive,
+        max_connections: usize::try_from(limits.max_connections_per_listener)
+            .unwrap_or(usize::MAX)
+            .max(1),
     }
 }
 
@@ -373,6 +456,52 @@ plugins:
         );
         assert_eq!(p.api_key, "sk-upstream");
         assert_eq!(c.max_body_bytes, 8 * 1024 * 1024);
+        assert_eq!(
+            c.client,
+            crate::edge::ClientLimits {
+                max_header_bytes: 64 * 1024,
+                head_timeout: Duration::from_secs(10),
+                body_timeout: Duration::from_secs(60),
+                idle_keepalive: Duration::from_secs(60),
+                max_connections: 10_000,
+            }
+        );
+    }
+
+    #[test]
+    fn client_limits_are_checked_with_their_bounds() {
+        let text = format!(
+            "{GOOD}limits:\n  request_head_timeout_ms: 0\n  body_timeout_ms: 90000000\n  idle_keepalive_ms: 1500\n  max_header_bytes: 2000000\n  max_connections_per_listener: 0\n"
+        );
+        let errs = Config::from_yaml(&text, &env).unwrap_err();
+        let messages: Vec<String> = errs.0.iter().map(|i| i.to_string()).collect();
+        for (path, words) in [
+            (
+                "limits.request_head_timeout_ms",
+                "must be 1 to 86400000 milliseconds (a day), not 0",
+            ),
+            ("limits.body_timeout_ms", "not 90000000"),
+            ("limits.max_header_bytes", "must be 1024 to 1048575 bytes"),
+            ("limits.max_connections_per_listener", "must be at least 1"),
+        ] {
+            assert!(
+                errs.0.iter().any(|i| i.path == path && i.message.contains(words)),
+                "{path}: {words} missing from {messages:?}"
+            );
+        }
+        assert!(
+            !errs.0.iter().any(|i| i.path == "limits.idle_keepalive_ms"),
+            "{messages:?}"
+        );
+
+        let text = format!(
+            "{GOOD}limits:\n  request_head_timeout_ms: 1500\n  idle_keepalive_ms: 250\n  max_connections_per_listener: 7\n"
+        );
+        let c = Config::from_yaml(&text, &env).unwrap();
+        assert_eq!(c.client.head_timeout, Duration::from_millis(1500));
+        assert_eq!(c.client.idle_keepalive, Duration::from_millis(250));
+        assert_eq!(c.client.max_connections, 7);
+        assert_eq!(c.client.body_timeout, Duration::from_secs(60));
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //!   anyway, so the count equals tokenizing the whole output at once while memory stays small
 //!   and a stream whose usage arrives (the usual case) is rarely tokenized at all.
 
-use super::tokens::count_text;
+use super::tokens::{count_text, token_boundary};
 use super::OpenAiUsage;
 use bytes::Bytes;
 use komilion_sdk::Usage;
@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
 
-/// Output text kept before it is tokenized, at most (bytes).
+/// Output text kept before it is tokenized, by default (bytes; `limits.stream_count_window_bytes`).
 pub const COUNT_WINDOW: usize = 16 * 1024;
 
 #[derive(Debug)]
@@ -32,6 +32,8 @@ pub struct StreamMeter {
     pub usage: Option<Usage>,
     /// Delivered output not yet tokenized.
     window: String,
+    /// Tokenize once the window holds this many bytes.
+    window_bytes: usize,
     /// Tokens of the delivered output already tokenized.
     counted: u64,
 }
@@ -45,15 +47,23 @@ pub enum Inspected {
     Drop,
     /// The event is not what an OpenAI stream carries; end the stream.
     Malformed(String),
+    /// An error the provider reports in the stream (`{"error": …}`): sent on after the
+    /// relay masked any secret it quotes.
+    Error(Bytes),
 }
 
 impl StreamMeter {
     pub fn new(strip: bool, model: &str) -> StreamMeter {
+        StreamMeter::with_window(strip, model, COUNT_WINDOW)
+    }
+
+    pub fn with_window(strip: bool, model: &str, window_bytes: usize) -> StreamMeter {
         StreamMeter {
             strip,
             model: model.to_owned(),
             usage: None,
             window: String::new(),
+            window_bytes,
             counted: 0,
         }
     }
@@ -76,6 +86,7 @@ impl StreamMeter {
         let mut empty_choices = false;
         for (key, value) in &members.0 {
             match key.as_ref() {
+                "error" => return Inspected::Error(event),
                 "usage" => usage_member = Some(*value),
                 "choices" => match serde_json::from_str::<Vec<Choice<'_>>>(value.get()) {
                     Ok(choices) => {
@@ -131,10 +142,14 @@ impl StreamMeter {
             return;
         }
         self.window.push_str(text);
-        if self.window.len() >= COUNT_WINDOW {
+        if self.window.len() >= self.window_bytes {
             let cut = token_boundary(&self.window);
             self.counted += count_text(&self.model, &self.window[..cut]);
             self.window.drain(..cut);
+            // One huge delta must not leave a huge buffer behind.
+            if self.window.capacity() > 2 * self.window_bytes {
+                self.window.shrink_to(self.window_bytes);
+            }
         }
     }
 
@@ -152,18 +167,6 @@ impl StreamMeter {
     pub fn kept_bytes(&self) -> usize {
         self.window.capacity()
     }
-}
-
-/// The last point in `text` where tiktoken's pre-tokenizer splits anyway: a space between a
-/// non-space character and a letter (`abc| def`). Tokens never span pre-token boundaries, so
-/// counting the two sides apart gives the same total. Text with no such point (one long run
-/// without spaces) is cut at its end, off by a token at most.
-fn token_boundary(text: &str) -> usize {
-    let bytes = text.as_bytes();
-    (1..bytes.len().saturating_sub(1))
-        .rev()
-        .find(|&i| bytes[i] == b' ' && !bytes[i - 1].is_ascii_whitespace() && bytes[i + 1].is_ascii_alphabetic())
-        .unwrap_or(text.len())
 }
 
 /// The event rebuilt without its top-level `usage` member. Values are copied as they came;

@@ -35,18 +35,40 @@ pub fn count_text(model: &str, text: &str) -> u64 {
     count_bounded(encoding_for(model), text)
 }
 
+/// The last point in `text` where tiktoken's pre-tokenizer splits anyway: a space between a
+/// non-space character and a letter (`abc| def`). Tokens never span pre-token boundaries, so
+/// counting the two sides apart gives the same total. Text with no such point (one long run
+/// without spaces) is cut at its end, off by a token at most.
+pub fn token_boundary(text: &str) -> usize {
+    let bytes = text.as_bytes();
+    (1..bytes.len().saturating_sub(1))
+        .rev()
+        .find(|&i| bytes[i] == b' ' && !bytes[i - 1].is_ascii_whitespace() && bytes[i + 1].is_ascii_alphabetic())
+        .unwrap_or(text.len())
+}
+
+/// The first such split point in `text`.
+fn first_token_boundary(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    (1..bytes.len().saturating_sub(1))
+        .find(|&i| bytes[i] == b' ' && !bytes[i - 1].is_ascii_whitespace() && bytes[i + 1].is_ascii_alphabetic())
+}
+
 fn count_bounded(bpe: &CoreBPE, text: &str) -> u64 {
     if text.len() <= EXACT_BYTES {
         return bpe.encode_ordinary(text).len() as u64;
     }
+    // Samples end where the tokenizer splits anyway, so no token is cut in two.
     let mut head_end = SAMPLE_BYTES;
     while !text.is_char_boundary(head_end) {
         head_end -= 1;
     }
+    head_end = token_boundary(&text[..head_end]);
     let mut tail_start = text.len() - SAMPLE_BYTES;
     while !text.is_char_boundary(tail_start) {
         tail_start += 1;
     }
+    tail_start += first_token_boundary(&text[tail_start..]).unwrap_or(0);
     let (head, tail) = (&text[..head_end], &text[tail_start..]);
     let sampled = (bpe.encode_ordinary(head).len() + bpe.encode_ordinary(tail).len()) as u128;
     let sample_bytes = (head.len() + tail.len()) as u128;
@@ -56,13 +78,48 @@ fn count_bounded(bpe: &CoreBPE, text: &str) -> u64 {
 
 /// Tokens of a chat prompt as OpenAI counts them: 3 per message plus its role and content, and
 /// 3 priming the reply.
+///
+/// The tokenizer sees at most about [`EXACT_BYTES`] of the whole prompt, however many messages
+/// it has: once that budget is spent, further messages are estimated at the tokens per byte
+/// measured so far.
 pub fn count_chat_prompt(model: &str, messages: &[ChatMessage]) -> u64 {
     let bpe = encoding_for(model);
-    let per_message: u64 = messages
-        .iter()
-        .map(|m| 3 + count_bounded(bpe, &m.role) + count_bounded(bpe, &m.text))
-        .sum();
-    per_message + 3
+    let mut budget = EXACT_BYTES;
+    let (mut counted_bytes, mut counted_tokens) = (0u64, 0u64);
+    let mut total = 3;
+    for m in messages {
+        let text = m.text.as_str();
+        let tokens = if text.len() <= budget {
+            budget -= text.len();
+            bpe.encode_ordinary(text).len() as u64
+        } else if budget == EXACT_BYTES {
+            // The first long message: its own samples are the measure.
+            budget = 0;
+            count_bounded(bpe, text)
+        } else {
+            budget = 0;
+            let per_byte = if counted_bytes > 0 {
+                counted_tokens as f64 / counted_bytes as f64
+            } else {
+                0.25
+            };
+            (text.len() as f64 * per_byte).ceil() as u64
+        };
+        counted_bytes += text.len() as u64;
+        counted_tokens += tokens;
+        total += 3 + bpe.encode_ordinary(truncate(&m.role, 64)).len() as u64 + tokens;
+    }
+    total
+}
+
+/// At most `max` bytes of `text`, on a character boundary (roles are short; a client's are not
+/// trusted to be).
+fn truncate(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 #[cfg(test)]
@@ -92,6 +149,26 @@ mod tests {
         let exact = encoding_for("gpt-4o").encode_ordinary(&text).len() as f64;
         let sampled = count_text("gpt-4o", &text) as f64;
         assert!((sampled - exact).abs() / exact < 0.01, "{sampled} vs {exact}");
+        // Many long messages cost no more than one: the budget is per prompt.
+        let messages: Vec<ChatMessage> = (0..20)
+            .map(|_| ChatMessage {
+                role: "user".into(),
+                text: "Lorem ipsum dolor sit amet. ".repeat(2300),
+            })
+            .collect();
+        let exact: u64 = messages
+            .iter()
+            .map(|m| 3 + 1 + encoding_for("gpt-4o").encode_ordinary(&m.text).len() as u64)
+            .sum::<u64>()
+            + 3;
+        let estimate = count_chat_prompt("gpt-4o", &messages);
+        assert!(
+            (estimate as f64 - exact as f64).abs() / (exact as f64) < 0.01,
+            "{estimate} vs {exact}"
+        );
+        // Uniform text is counted exactly: the samples end at split points.
+        let hellos = " hello".repeat(200_000);
+        assert_eq!(count_text("gpt-4o-mini", &hellos), 200_000);
         // The worst case for BPE, one run without spaces, costs no more than the samples.
         let run = "x".repeat(4 * 1024 * 1024);
         let tokens = count_text("gpt-4o", &run);

@@ -8,8 +8,14 @@
 //! Behaviour comes from [`Behavior`]: the instance default, overridden per request by a `"mock"`
 //! object in the JSON body (the gateway forwards unknown fields untouched) or an
 //! `x-mock-behavior` header holding the same JSON.
+//!
+//! The answer honours the request as OpenAI does (`n`, `stop`, `max_tokens`, `tools`,
+//! `response_format`, `logprobs`: see [`answer`]), so clients' features can be tested through
+//! the gateway, and every response carries OpenAI's `x-request-id` and `x-ratelimit-*` headers.
 
+pub mod answer;
 pub mod openai;
+mod schema;
 
 use bytes::{Buf, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -17,7 +23,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -39,6 +45,9 @@ pub struct Behavior {
     pub malformed_after: Option<usize>,
     /// Leave usage out of the answer entirely (what some providers do).
     pub omit_usage: bool,
+    /// Pretty-print JSON bodies and stream events (spaces after colons, one member a line; a
+    /// streamed event's lines each get their own `data: `), as some providers send them.
+    pub pretty: bool,
 }
 
 impl Default for Behavior {
@@ -51,6 +60,7 @@ impl Default for Behavior {
             reset_after: None,
             malformed_after: None,
             omit_usage: false,
+            pretty: false,
         }
     }
 }
@@ -384,17 +394,84 @@ fn behavior_for(state: &State, head: &Head, body: &serde_json::Value) -> Result<
     Ok(b)
 }
 
+/// Requests and tokens a minute the simulated account may use (what `x-ratelimit-*` report).
+const LIMIT_REQUESTS: u64 = 10_000;
+const LIMIT_TOKENS: u64 = 10_000_000;
+
+/// The headers OpenAI sends with every answer: the request's id, the time spent, and the rate
+/// limits left.
+struct ReplyHeaders {
+    request_id: String,
+    started: Instant,
+    /// This request's number on this instance (from 1). The remaining requests count down
+    /// from it as if the minute never ended (wrapping at the limit): enough for a client to see
+    /// them move.
+    number: u64,
+    /// Tokens this request uses (prompt and completion), for the token limit.
+    tokens: u64,
+}
+
+impl ReplyHeaders {
+    fn new(number: u64) -> ReplyHeaders {
+        ReplyHeaders {
+            // OpenAI's shape: `req_` and 32 hex digits.
+            request_id: format!("req_{:032x}", rand::random::<u128>()),
+            started: Instant::now(),
+            number,
+            tokens: 0,
+        }
+    }
+
+    /// The header lines (each ending in CRLF) for an answer with `status`.
+    fn render(&self, status: u16) -> String {
+        let limited = status == 429;
+        let remaining_requests = if limited {
+            0
+        } else {
+            LIMIT_REQUESTS - 1 - (self.number.saturating_sub(1) % LIMIT_REQUESTS)
+        };
+        let remaining_tokens = LIMIT_TOKENS.saturating_sub(self.tokens);
+        // The time until the limits are whole again at the per-minute refill rate.
+        let reset_requests = if limited { 1_000 } else { 60_000 / LIMIT_REQUESTS };
+        let reset_tokens = (self.tokens * 60_000).div_ceil(LIMIT_TOKENS);
+        let mut out = format!(
+            "x-request-id: {}\r\nopenai-processing-ms: {}\r\n\
+             x-ratelimit-limit-requests: {LIMIT_REQUESTS}\r\nx-ratelimit-limit-tokens: {LIMIT_TOKENS}\r\n\
+             x-ratelimit-remaining-requests: {remaining_requests}\r\nx-ratelimit-remaining-tokens: {remaining_tokens}\r\n\
+             x-ratelimit-reset-requests: {}\r\nx-ratelimit-reset-tokens: {}\r\n",
+            self.request_id,
+            self.started.elapsed().as_millis(),
+            duration_text(reset_requests),
+            duration_text(reset_tokens),
+        );
+        if limited {
+            out.push_str("retry-after: 1\r\nretry-after-ms: 1000\r\n");
+        }
+        out
+    }
+}
+
+/// A duration as OpenAI writes it in `x-ratelimit-reset-*`: `6ms`, `1s`, `1.5s`.
+fn duration_text(ms: u64) -> String {
+    if ms < 1_000 {
+        format!("{ms}ms")
+    } else {
+        format!("{}s", ms as f64 / 1_000.0)
+    }
+}
+
 async fn write_simple(
     stream: &mut TcpStream,
     status: u16,
     content_type: &str,
     body: &[u8],
-    request_id: &str,
+    headers: &ReplyHeaders,
 ) -> io::Result<Keep> {
     let head = format!(
-        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nx-request-id: {request_id}\r\nopenai-processing-ms: 1\r\n\r\n",
+        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{}\r\n",
         reason(status),
-        body.len()
+        body.len(),
+        headers.render(status),
     );
     let mut out = Vec::with_capacity(head.len() + body.len());
     out.extend_from_slice(head.as_bytes());
@@ -419,57 +496,30 @@ fn reason(status: u16) -> &'static str {
 
 async fn respond(stream: &mut TcpStream, state: &State, head: &Head, body: &[u8]) -> io::Result<Keep> {
     let n = state.next_id.fetch_add(1, Ordering::Relaxed);
-    let request_id = format!("req_mock{n:016x}");
+    let headers = ReplyHeaders::new(n);
     let path = head.path.split('?').next().unwrap_or("");
+    // Until a chat request's body is read, only the instance default and the header apply.
+    let pretty = behavior_for(state, head, &serde_json::Value::Null).map_or(state.config.behavior.pretty, |b| b.pretty);
     if let Some(key) = &state.config.api_key {
         let presented = head.header("authorization").and_then(|v| v.strip_prefix("Bearer "));
         if presented != Some(key.as_str()) {
-            return write_simple(stream, 401, "application/json", &openai::error_body(401), &request_id).await;
+            let body = openai::error_body(401, pretty);
+            return write_simple(stream, 401, "application/json", &body, &headers).await;
         }
     }
     match (head.method.as_str(), path) {
         ("GET", "/v1/models" | "/models") => {
-            let body = openai::models_body(&state.config.models, now_secs());
-            write_simple(stream, 200, "application/json", &body, &request_id).await
+            let body = openai::models_body(&state.config.models, now_secs(), pretty);
+            write_simple(stream, 200, "application/json", &body, &headers).await
         }
         ("POST", "/v1/chat/completions" | "/chat/completions") => {
-            chat_completion(stream, state, head, body, n, &request_id).await
+            chat_completion(stream, state, head, body, n, headers).await
         }
-        _ => write_simple(stream, 404, "application/json", &openai::error_body(404), &request_id).await,
+        _ => {
+            let body = openai::error_body(404, pretty);
+            write_simple(stream, 404, "application/json", &body, &headers).await
+        }
     }
-}
-
-/// Words of the filler text after the echo.
-const FILLER: [&str; 16] = [
-    " The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", " while", " the", " gateway",
-    " counts", " every", " token", ".",
-];
-
-/// The answer's pieces: an echo of the start of the last user message (so concurrent callers
-/// can check they got their own answer), then filler, `chunks` pieces in all.
-fn answer_pieces(request: &serde_json::Value, chunks: usize) -> Vec<String> {
-    let last_user = request["messages"]
-        .as_array()
-        .and_then(|msgs| msgs.iter().rev().find(|m| m["role"] == "user"))
-        .map(|m| match &m["content"] {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Array(parts) => parts
-                .iter()
-                .filter_map(|p| p["text"].as_str())
-                .collect::<Vec<_>>()
-                .join(" "),
-            _ => String::new(),
-        })
-        .unwrap_or_default();
-    let echo: String = last_user.chars().take(64).collect();
-    let mut pieces = Vec::with_capacity(chunks);
-    if chunks > 0 {
-        pieces.push(format!("Echo: {echo}"));
-    }
-    for i in 1..chunks {
-        pieces.push(FILLER[(i - 1) % FILLER.len()].to_owned());
-    }
-    pieces
 }
 
 /// The prompt's tokens as the real API counts them (tiktoken, OpenAI's chat format). The
@@ -487,67 +537,64 @@ async fn chat_completion(
     head: &Head,
     body: &[u8],
     n: u64,
-    request_id: &str,
+    mut headers: ReplyHeaders,
 ) -> io::Result<Keep> {
     let request: serde_json::Value = match serde_json::from_slice(body) {
         Ok(v) => v,
-        Err(_) => return write_simple(stream, 400, "application/json", &openai::error_body(400), request_id).await,
+        Err(_) => {
+            let body = openai::error_body(400, state.config.behavior.pretty);
+            return write_simple(stream, 400, "application/json", &body, &headers).await;
+        }
     };
     let behavior = match behavior_for(state, head, &request) {
         Ok(b) => b,
         Err(msg) => {
-            let body = serde_json::to_vec(&serde_json::json!({"error": {"message": msg, "type": "invalid_request_error", "param": "mock", "code": null}}))
-                .unwrap_or_default();
-            return write_simple(stream, 400, "application/json", &body, request_id).await;
+            let body = openai::invalid_request(&msg, "mock", state.config.behavior.pretty);
+            return write_simple(stream, 400, "application/json", &body, &headers).await;
         }
     };
     if behavior.ttfb_ms > 0 {
         tokio::time::sleep(Duration::from_millis(behavior.ttfb_ms)).await;
     }
     if let Some(status) = behavior.fail_status {
-        return write_simple(
-            stream,
-            status,
-            "application/json",
-            &openai::error_body(status),
-            request_id,
-        )
-        .await;
+        let body = openai::error_body(status, behavior.pretty);
+        return write_simple(stream, status, "application/json", &body, &headers).await;
     }
     let model = request["model"].as_str().unwrap_or("unknown").to_owned();
-    let pieces = answer_pieces(&request, behavior.chunks);
+    let plan = match answer::plan(&request, &model, behavior.chunks) {
+        Ok(plan) => plan,
+        Err(e) => {
+            let body = openai::invalid_request(&e.to_string(), e.param(), behavior.pretty);
+            return write_simple(stream, 400, "application/json", &body, &headers).await;
+        }
+    };
     let id = format!("chatcmpl-mock{n:020}");
     let completion = openai::Completion {
         id: &id,
         created: now_secs(),
         model: &model,
-        pieces: &pieces,
+        choices: &plan.choices,
         prompt_tokens: prompt_tokens(body, &model),
-        completion_tokens: crate::metering::tokens::count_text(&model, &pieces.concat()),
+        completion_tokens: plan.completion_tokens,
+        logprobs: plan.logprobs,
+        pretty: behavior.pretty,
     };
+    headers.tokens = completion.prompt_tokens + completion.completion_tokens;
     let stream_requested = request["stream"].as_bool().unwrap_or(false);
     if !stream_requested {
-        let mut body = completion.body();
-        if behavior.omit_usage {
-            if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) {
-                if let Some(o) = v.as_object_mut() {
-                    o.remove("usage");
-                }
-                body = serde_json::to_vec(&v).unwrap_or_default();
-            }
-        }
-        return write_simple(stream, 200, "application/json", &body, request_id).await;
+        let body = completion.body(!behavior.omit_usage);
+        return write_simple(stream, 200, "application/json", &body, &headers).await;
     }
 
     let include_usage = request["stream_options"]["include_usage"].as_bool().unwrap_or(false) && !behavior.omit_usage;
     let head = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\ncache-control: no-cache\r\nx-request-id: {request_id}\r\nopenai-processing-ms: 1\r\n\r\n"
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\ncache-control: no-cache\r\n{}\r\n",
+        headers.render(200)
     );
     stream.write_all(head.as_bytes()).await?;
-    let events = completion.events(include_usage);
-    for (i, event) in events.iter().enumerate() {
-        // Events 1..=pieces are content; `i - 1` content chunks precede event `i`.
-        let content_sent = i.saturating_sub(1).min(pieces.len());
+    let mut content_sent = 0;
+    for (i, event) in completion.events(include_usage).iter().enumerate() {
+        // Faults come between events, once `content_sent` pieces of output have gone out.
         if i > 0 && behavior.reset_after == Some(content_sent) {
             stream.set_zero_linger()?;
             return Ok(Keep::Closed);
@@ -558,7 +605,8 @@ async fn chat_completion(
         if i > 0 && behavior.chunk_delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(behavior.chunk_delay_ms)).await;
         }
-        write_chunk(stream, event).await?;
+        write_chunk(stream, &event.bytes).await?;
+        content_sent += usize::from(event.content);
     }
     stream.write_all(b"0\r\n\r\n").await?;
     Ok(Keep::Open)
@@ -570,4 +618,185 @@ async fn write_chunk(stream: &mut TcpStream, data: &[u8]) -> io::Result<()> {
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
     stream.write_all(&out).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    async fn start(behavior: Behavior) -> MockProvider {
+        let config = MockConfig {
+            behavior,
+            ..MockConfig::default()
+        };
+        MockProvider::start(config, SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap()
+    }
+
+    async fn post(mock: &MockProvider, body: Value) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(format!("{}/chat/completions", mock.base_url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    fn ask(extra: Value) -> Value {
+        let mut request = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            request[k] = v.clone();
+        }
+        request
+    }
+
+    fn header<'a>(resp: &'a reqwest::Response, name: &str) -> &'a str {
+        resp.headers()
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} is sent"))
+            .to_str()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_answer_carries_a_request_id_and_rate_limits() {
+        let mock = start(Behavior::default()).await;
+        let first = post(&mock, ask(json!({}))).await;
+        let second = post(&mock, ask(json!({}))).await;
+        for resp in [&first, &second] {
+            let id = header(resp, "x-request-id");
+            assert!(
+                id.len() == 36 && id.starts_with("req_") && id[4..].bytes().all(|b| b.is_ascii_hexdigit()),
+                "{id}"
+            );
+            assert_eq!(header(resp, "x-ratelimit-limit-requests"), "10000");
+            assert_eq!(header(resp, "x-ratelimit-limit-tokens"), "10000000");
+            assert_eq!(header(resp, "x-ratelimit-reset-requests"), "6ms");
+            assert!(header(resp, "x-ratelimit-reset-tokens").ends_with("ms"));
+            header(resp, "openai-processing-ms").parse::<u64>().unwrap();
+            assert!(resp.headers().get("retry-after").is_none());
+        }
+        assert_ne!(header(&first, "x-request-id"), header(&second, "x-request-id"));
+        assert_eq!(header(&first, "x-ratelimit-remaining-requests"), "9999");
+        assert_eq!(header(&second, "x-ratelimit-remaining-requests"), "9998");
+        let remaining: u64 = header(&first, "x-ratelimit-remaining-tokens").parse().unwrap();
+        let v: Value = first.json().await.unwrap();
+        let used = v["usage"]["total_tokens"].as_u64().unwrap();
+        assert_eq!(remaining, LIMIT_TOKENS - used);
+
+        let models = reqwest::get(format!("{}/models", mock.base_url())).await.unwrap();
+        assert!(header(&models, "x-request-id").starts_with("req_"));
+    }
+
+    #[tokio::test]
+    async fn a_429_says_when_to_retry() {
+        let mock = start(Behavior {
+            fail_status: Some(429),
+            ..Behavior::default()
+        })
+        .await;
+        for stream in [false, true] {
+            let resp = post(&mock, ask(json!({"stream": stream}))).await;
+            assert_eq!(resp.status(), 429);
+            assert_eq!(header(&resp, "retry-after"), "1");
+            assert_eq!(header(&resp, "retry-after-ms"), "1000");
+            assert_eq!(header(&resp, "x-ratelimit-remaining-requests"), "0");
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_the_api_refuses_gets_its_400() {
+        let mock = start(Behavior::default()).await;
+        let resp = post(&mock, ask(json!({"n": 0}))).await;
+        assert_eq!(resp.status(), 400);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["param"], "n");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+
+    #[tokio::test]
+    async fn pretty_is_set_per_request() {
+        let mock = start(Behavior::default()).await;
+        let compact = post(&mock, ask(json!({}))).await.text().await.unwrap();
+        assert!(compact.starts_with("{\"id\":\"chatcmpl-"), "{compact}");
+        let pretty = post(&mock, ask(json!({"mock": {"pretty": true}})))
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(pretty.starts_with("{\n  \"id\": \"chatcmpl-"), "{pretty}");
+        let v: Value = serde_json::from_str(&pretty).unwrap();
+        assert!(v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("Echo: hi"));
+    }
+
+    /// The SSE events of a streamed body, each event's `data:` lines joined.
+    fn events(body: &str) -> Vec<String> {
+        body.split("\n\n")
+            .filter(|e| !e.trim().is_empty())
+            .map(|e| {
+                e.lines()
+                    .filter_map(|l| l.strip_prefix("data: "))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn streamed_tool_call_arguments_reassemble() {
+        let mock = start(Behavior {
+            pretty: true,
+            ..Behavior::default()
+        })
+        .await;
+        let tools = json!([{"type": "function", "function": {"name": "lookup", "parameters": {
+            "type": "object", "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}},
+            "required": ["query", "limit"]}}}]);
+        let body = post(&mock, ask(json!({"stream": true, "tools": tools})))
+            .await
+            .text()
+            .await
+            .unwrap();
+        let events = events(&body);
+        assert_eq!(events.last().unwrap(), "[DONE]");
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        let first = &chunks[0]["choices"][0]["delta"]["tool_calls"][0];
+        assert_eq!(first["function"]["name"], "lookup");
+        assert!(first["id"].as_str().unwrap().starts_with("call_"));
+        let arguments: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str())
+            .collect();
+        let arguments: Value = serde_json::from_str(&arguments).unwrap();
+        assert_eq!(arguments, json!({"query": "example query", "limit": 1}));
+        assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "tool_calls");
+    }
+
+    #[tokio::test]
+    async fn a_reset_counts_tool_call_fragments_as_output() {
+        let mock = start(Behavior {
+            reset_after: Some(2),
+            ..Behavior::default()
+        })
+        .await;
+        let tools = json!([{"type": "function", "function": {"name": "lookup", "parameters": {
+            "type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}]);
+        let mut resp = post(&mock, ask(json!({"stream": true, "tools": tools}))).await;
+        let mut body = Vec::new();
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            body.extend_from_slice(&chunk);
+        }
+        let events = events(&String::from_utf8(body).unwrap());
+        assert_eq!(events.len(), 3, "the call's head and two fragments: {events:?}");
+    }
 }

@@ -39,9 +39,11 @@ impl Gateway {
             .map(|c| {
                 let price = self.pricing.price(&c.provider, &c.model).unwrap_or_default();
                 let model_limit = self.pricing.model(&c.model).map_or(0, |m| m.max_output_tokens);
+                // Each of the `n` answers may use the whole output cap.
                 let max_out = chat
                     .max_tokens
-                    .unwrap_or(if model_limit > 0 { model_limit.min(cap) } else { cap });
+                    .unwrap_or(if model_limit > 0 { model_limit.min(cap) } else { cap })
+                    .saturating_mul(chat.choices);
                 token_cost(prompt_tokens(&c.model), price.input).saturating_add(token_cost(max_out, price.output))
             })
             .max()

@@ -3,19 +3,33 @@
 //! The whole body is needed before routing (the model is in it), and Pingora 0.9.1 replays at
 //! most 64 KiB of a body read this early, so LLM routes read it here and forward it themselves.
 
+use crate::metrics::METRICS;
 use bytes::{Bytes, BytesMut};
 use komilion_sdk::{ApiError, ErrorKind, Timing};
 use pingora::proxy::Session;
 use std::time::{Duration, Instant};
 
-/// Longest wait for the next piece of a request body.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// The body deadline of listeners without a configured one (the admin API's): the default
+/// of `limits.body_timeout_ms`.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub enum BodyError {
     /// Over the limit: answer 413 and close the connection (the rest is never read).
     TooLarge(ApiError),
-    /// The client went away or stalled; nobody to answer.
+    /// The whole body did not arrive in time: answer 408 and close the connection.
+    TimedOut(ApiError),
+    /// The client went away; nobody to answer.
     ClientGone,
+}
+
+impl BodyError {
+    /// What to answer, when anyone is left to answer.
+    pub fn into_answer(self) -> Option<ApiError> {
+        match self {
+            BodyError::TooLarge(e) | BodyError::TimedOut(e) => Some(e),
+            BodyError::ClientGone => None,
+        }
+    }
 }
 
 fn too_large(limit: usize) -> BodyError {
@@ -28,7 +42,14 @@ fn too_large(limit: usize) -> BodyError {
     )
 }
 
-pub async fn read_body(session: &mut Session, limit: usize, timing: &mut Timing) -> Result<Bytes, BodyError> {
+/// Read the whole body: at most `limit` bytes, all of it within `timeout` (a deadline for the
+/// whole body, not per read, so a client trickling bytes cannot hold the request open).
+pub async fn read_body(
+    session: &mut Session,
+    limit: usize,
+    timeout: Duration,
+    timing: &mut Timing,
+) -> Result<Bytes, BodyError> {
     let declared = session
         .req_header()
         .headers
@@ -47,22 +68,38 @@ pub async fn read_body(session: &mut Session, limit: usize, timing: &mut Timing)
     if expects_continue && session.as_downstream_mut().write_continue_response().await.is_err() {
         return Err(BodyError::ClientGone);
     }
-    session.set_read_timeout(Some(BODY_READ_TIMEOUT));
+    // Pingora's own timeout is per read; the deadline below bounds the whole body, and no
+    // single read may outlast it either.
+    session.set_read_timeout(Some(timeout));
+    let deadline = tokio::time::Instant::now() + timeout;
 
     let mut body = BodyBuffer::new(limit, declared.unwrap_or(0));
     loop {
         let started = Instant::now();
-        let piece = session.read_request_body().await;
+        let piece = tokio::time::timeout_at(deadline, session.read_request_body()).await;
         timing.client_wait += started.elapsed();
         match piece {
-            Ok(Some(piece)) => {
+            Ok(Ok(Some(piece))) => {
                 if body.push(piece).is_err() {
                     session.set_keepalive(None);
                     return Err(too_large(limit));
                 }
             }
-            Ok(None) => return Ok(body.finish()),
-            Err(_) => return Err(BodyError::ClientGone),
+            Ok(Ok(None)) => return Ok(body.finish()),
+            Ok(Err(e)) if e.etype() != &pingora::ErrorType::ReadTimedout => return Err(BodyError::ClientGone),
+            Ok(Err(_)) | Err(_) => {
+                // The rest of the body is never read: the connection cannot serve another
+                // request.
+                session.set_keepalive(None);
+                METRICS.client_timeouts.with_label_values(&["body"]).inc();
+                return Err(BodyError::TimedOut(
+                    ApiError::new(
+                        ErrorKind::RequestTimeout,
+                        format!("The request body was not received within {} ms.", timeout.as_millis()),
+                    )
+                    .with_code("request_timeout"),
+                ));
+            }
         }
     }
 }

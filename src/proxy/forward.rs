@@ -28,9 +28,6 @@ use std::time::{Duration, Instant};
 const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
 /// How long a pooled connection may idle after being released.
 const POOL_IDLE: Duration = Duration::from_secs(60);
-/// Largest stream event accepted from a provider (an event still waiting for its blank line
-/// counts): past it the client's stream ends with an error event.
-const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
 /// Times a request is re-sent when a pooled connection turns out to be closed.
 const STALE_RETRIES: usize = 2;
 
@@ -140,9 +137,22 @@ struct StartedStream {
     peer: HttpPeer,
 }
 
-/// Statuses worth trying another candidate for.
+/// Statuses worth trying another candidate for. A 401 or 403 is the provider refusing the
+/// gateway's own credential: another provider may well take the request.
 fn should_fall_back(status: u16) -> bool {
-    status == 429 || status >= 500
+    status == 401 || status == 403 || status == 429 || status >= 500
+}
+
+/// A provider refused the gateway's credential. The client gets neither the provider's body
+/// (it may quote the key) nor a 401 of its own (its SDK would say the client's key is wrong).
+fn upstream_auth_failed(provider: &str, status: u16) -> ApiError {
+    ApiError::new(
+        ErrorKind::BadGateway,
+        format!(
+            "The provider `{provider}` refused the gateway's credentials (HTTP {status}); the operator has been told."
+        ),
+    )
+    .with_code("upstream_auth_failed")
 }
 
 impl Gateway {
@@ -199,6 +209,29 @@ impl Gateway {
                 Answer::Stream(_) => 200,
             };
             self.chain.on_upstream_status(candidate, status, &mut ctx.exchange);
+            if let Answer::Whole { body, .. } = &answer {
+                if !(200..300).contains(&status) {
+                    // The raw body, masked the same way as what the client may get; loud for
+                    // what an operator must act on, quiet for a client's own mistakes.
+                    let masked = self.upstreams.scrubber.scrub_bytes(&body[..body.len().min(4096)]);
+                    if status >= 500 || status == 401 || status == 403 {
+                        tracing::warn!(provider = upstream.name(), request_id = %ctx.exchange.request_id, status, "the provider answered an error: {masked}");
+                    } else {
+                        tracing::debug!(provider = upstream.name(), request_id = %ctx.exchange.request_id, status, "the provider answered an error: {masked}");
+                    }
+                }
+            }
+            if status == 401 || status == 403 {
+                METRICS
+                    .upstream_errors
+                    .with_label_values(&[upstream.name(), "auth"])
+                    .inc();
+                if !is_last {
+                    METRICS.fallbacks.with_label_values(&[upstream.name()]).inc();
+                }
+                last_error = Some(upstream_auth_failed(upstream.name(), status));
+                continue;
+            }
             if should_fall_back(status) {
                 let kind = if status == 429 { "status_429" } else { "status_5xx" };
                 METRICS
@@ -218,6 +251,16 @@ impl Gateway {
                     headers,
                 } => {
                     ctx.provider_headers = headers;
+                    // An error body may quote a credential; a successful answer is relayed as
+                    // it came (byte for byte).
+                    let body = if (200..300).contains(&status) {
+                        body
+                    } else {
+                        match self.upstreams.scrubber.scrub(&String::from_utf8_lossy(&body)) {
+                            std::borrow::Cow::Borrowed(_) => body,
+                            std::borrow::Cow::Owned(masked) => Bytes::from(masked),
+                        }
+                    };
                     if (200..300).contains(&status) {
                         ctx.exchange.usage =
                             usage_from_body(&body).unwrap_or_else(|| estimate_whole(chat, &candidate.model, &body));
@@ -364,10 +407,9 @@ impl Gateway {
         };
         let _ = resp.insert_header(http::header::CACHE_CONTROL, "no-cache");
         // Without a length or chunked framing Pingora ends an HTTP/1.1 body by closing the
-        // connection; say chunked so the client's connection stays reusable.
-        if !session.is_http2() {
-            let _ = resp.insert_header(http::header::TRANSFER_ENCODING, "chunked");
-        }
+        // connection; chunked keeps the client's connection reusable (HTTP/1.0 clients get
+        // the close-delimited body they understand).
+        super::frame_unknown_length(session, &mut resp);
         ctx.status = 200;
         let model = ctx.exchange.routed_model.clone().unwrap_or_default();
         // Pingora sends the header in a write of its own; corked until the first events are
@@ -381,7 +423,12 @@ impl Gateway {
             return;
         }
         // The gateway asked for the usage chunk; the client gets it only if it asked too.
-        let mut relay = StreamRelay::new(!chat.include_usage, &model, MAX_EVENT_BYTES);
+        let mut relay = StreamRelay::new(
+            !chat.include_usage,
+            &model,
+            self.stream_limits,
+            self.upstreams.scrubber.clone(),
+        );
         // Events that arrived together leave together: a provider sends each event as its own
         // HTTP chunk, and writing them one by one would cost the client a wake-up per event.
         let mut outbox = Outbox::default();

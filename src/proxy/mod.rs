@@ -21,6 +21,7 @@ mod stream;
 mod webhooks;
 
 pub use billing::Billing;
+pub(crate) use respond::frame_unknown_length;
 pub use route::Route;
 pub use webhooks::StripeEndpoint;
 
@@ -44,6 +45,10 @@ pub struct Gateway {
     pub models: ModelTable,
     pub connector: Connector,
     pub max_body_bytes: usize,
+    /// What one streamed answer may make the gateway keep.
+    pub stream_limits: crate::config::StreamLimits,
+    /// Time a client has to send a whole request body (`limits.body_timeout_ms`).
+    pub body_timeout: std::time::Duration,
     /// Stripe top-ups, when configured.
     pub stripe: Option<StripeEndpoint>,
     /// Model prices and limits.
@@ -202,14 +207,23 @@ impl Gateway {
 
     async fn chat_completions(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), LocalResponse> {
         let view = self.authorize(session, ctx).await?;
-        let raw = match body::read_body(session, self.max_body_bytes, &mut ctx.exchange.timing).await {
+        let read = body::read_body(
+            session,
+            self.max_body_bytes,
+            self.body_timeout,
+            &mut ctx.exchange.timing,
+        )
+        .await;
+        let raw = match read {
             Ok(raw) => raw,
-            Err(body::BodyError::TooLarge(e)) => return Err(e.into()),
-            Err(body::BodyError::ClientGone) => {
-                ctx.client_gone = true;
-                session.set_keepalive(None);
-                return Ok(());
-            }
+            Err(e) => match e.into_answer() {
+                Some(answer) => return Err(answer.into()),
+                None => {
+                    ctx.client_gone = true;
+                    session.set_keepalive(None);
+                    return Ok(());
+                }
+            },
         };
         let mut chat = ChatRequest::parse(raw).map_err(ApiError::from)?;
         ctx.exchange.requested_model = Some(chat.model.clone());

@@ -10,6 +10,23 @@ use komilion_sdk::{LocalResponse, ResponseHead};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
+/// Frame a response body of unknown length (a stream, an export) for this client: chunked
+/// for HTTP/1.1. An HTTP/1.0 client does not know chunked encoding (RFC 9112 §7.1: a server
+/// MUST NOT send it one), so its body ends when the connection closes; keep-alive is turned off
+/// before the header goes out, so that the header says `connection: close` (Pingora closes a
+/// close-delimited body's connection anyway, `v1/server.rs:906-910`, but only after writing the
+/// header). HTTP/2 frames bodies itself.
+pub(crate) fn frame_unknown_length(session: &mut Session, resp: &mut ResponseHeader) {
+    if session.is_http2() {
+        return;
+    }
+    if session.req_header().version == http::Version::HTTP_11 {
+        let _ = resp.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+    } else {
+        session.set_keepalive(None);
+    }
+}
+
 impl Gateway {
     /// Build a response header with the plugins' additions.
     pub(super) fn response_header(

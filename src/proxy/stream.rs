@@ -4,8 +4,10 @@
 use crate::chain::PluginChain;
 use crate::metering::stream::{Inspected, StreamMeter};
 use crate::sse::{SseEvent, SseSplitter};
+use crate::upstream::scrub::Scrubber;
 use bytes::Bytes;
 use komilion_sdk::{Exchange, StreamEvent};
+use std::sync::Arc;
 
 /// Turns upstream body chunks into what the client is sent.
 pub struct StreamRelay {
@@ -15,6 +17,8 @@ pub struct StreamRelay {
     max_event: usize,
     /// Why the stream cannot go on, once it cannot: nothing more is relayed.
     broken: Option<String>,
+    /// Masks secrets in error events before they are relayed.
+    scrubber: Arc<Scrubber>,
 }
 
 /// What one upstream chunk gave.
@@ -29,12 +33,18 @@ pub struct Fed {
 impl StreamRelay {
     /// `strip_usage`: the usage chunk was requested for the gateway, not the client. `model`
     /// names the tokenizer that counts delivered output if no usage arrives.
-    pub fn new(strip_usage: bool, model: &str, max_event: usize) -> StreamRelay {
+    pub fn new(
+        strip_usage: bool,
+        model: &str,
+        limits: crate::config::StreamLimits,
+        scrubber: Arc<Scrubber>,
+    ) -> StreamRelay {
         StreamRelay {
             splitter: SseSplitter::new(),
-            meter: StreamMeter::new(strip_usage, model),
-            max_event,
+            meter: StreamMeter::with_window(strip_usage, model, limits.count_window_bytes),
+            max_event: limits.max_event_bytes,
             broken: None,
+            scrubber,
         }
     }
 
@@ -52,6 +62,7 @@ impl StreamRelay {
             meter,
             broken,
             max_event,
+            scrubber,
         } = self;
         splitter.push(chunk);
         let plugins_listen = chain.wants_events();
@@ -60,6 +71,7 @@ impl StreamRelay {
                 return None;
             }
             if raw.len() > *max_event {
+                crate::metrics::METRICS.stream_events_too_large.inc();
                 *broken = Some(format!(
                     "the provider sent an event over the limit of {max_event} bytes"
                 ));
@@ -79,6 +91,15 @@ impl StreamRelay {
                     }
                     Some(out)
                 }
+                Inspected::Error(event) => {
+                    let text = String::from_utf8_lossy(&event);
+                    let scrubbed = scrubber.scrub(&text);
+                    tracing::warn!(request_id = %ex.request_id, "the provider reported an error in the stream: {}", scrubbed.trim());
+                    Some(match scrubbed {
+                        std::borrow::Cow::Borrowed(_) => event,
+                        std::borrow::Cow::Owned(masked) => Bytes::from(masked),
+                    })
+                }
                 Inspected::Drop => None,
                 Inspected::Malformed(why) => {
                     *broken = Some(why);
@@ -87,6 +108,7 @@ impl StreamRelay {
             }
         });
         if broken.is_none() && splitter.buffered() > *max_event {
+            crate::metrics::METRICS.stream_events_too_large.inc();
             *broken = Some(format!(
                 "the provider sent an event over the limit of {max_event} bytes"
             ));

@@ -37,9 +37,9 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();
-        let payload = match read_body(session, MAX_WEBHOOK_BODY, &mut ctx.exchange.timing).await {
+        let payload = match read_body(session, MAX_WEBHOOK_BODY, self.body_timeout, &mut ctx.exchange.timing).await {
             Ok(p) => p,
-            Err(BodyError::TooLarge(e)) => return Err(e.into()),
+            Err(BodyError::TooLarge(e) | BodyError::TimedOut(e)) => return Err(e.into()),
             Err(BodyError::ClientGone) => return Ok(()),
         };
         let now = chrono::Utc::now().timestamp();
@@ -51,9 +51,8 @@ impl Gateway {
                     .into(),
             );
         }
-        let store = endpoint
-            .store
-            .get()
+        let store = crate::store::cache::opened(&endpoint.store)
+            .await
             .ok_or_else(|| ApiError::new(ErrorKind::Unavailable, "The store is still opening.").with_retry_after(1))?;
         match handle_event(store.as_ref(), &payload).await {
             Ok(outcome) => {

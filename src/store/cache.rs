@@ -30,8 +30,28 @@ fn unavailable(e: StoreError) -> StoreUnavailable {
     StoreUnavailable(e.to_string())
 }
 
-fn store(slot: &StoreSlot) -> Result<&Arc<dyn Store>, StoreUnavailable> {
-    slot.get()
+/// How long a request waits for a store that is still opening. A process serves as soon as it
+/// has its listeners, before its store service has connected: at a start, and in a graceful
+/// upgrade, where the new process takes traffic at once.
+pub const OPENING_WAIT: Duration = Duration::from_secs(10);
+
+/// The store, once open (waiting up to [`OPENING_WAIT`] for it).
+pub async fn opened(slot: &StoreSlot) -> Option<&Arc<dyn Store>> {
+    let deadline = std::time::Instant::now() + OPENING_WAIT;
+    loop {
+        if let Some(store) = slot.get() {
+            return Some(store);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn store(slot: &StoreSlot) -> Result<&Arc<dyn Store>, StoreUnavailable> {
+    opened(slot)
+        .await
         .ok_or_else(|| StoreUnavailable("the store is still opening".into()))
 }
 
@@ -142,7 +162,7 @@ impl KeyLookup for StoreCache {
     async fn lookup(&self, digest: [u8; 32]) -> Result<Option<KeyGrant>, StoreUnavailable> {
         let grant = self
             .grant(digest, || async {
-                let record = store(&self.slot)?.find_key(digest).await.map_err(unavailable)?;
+                let record = store(&self.slot).await?.find_key(digest).await.map_err(unavailable)?;
                 Ok(record.map(|r| KeyGrant {
                     principal: Principal {
                         account_id: r.key.account_id,
@@ -174,7 +194,7 @@ impl AccountLookup for StoreCache {
     async fn account_active(&self, account_id: &str) -> Result<Option<bool>, StoreUnavailable> {
         self.accounts
             .try_get_with(account_id.to_owned(), async {
-                match store(&self.slot)?.get_account(account_id).await {
+                match store(&self.slot).await?.get_account(account_id).await {
                     Ok(a) => Ok(Some(a.status == AccountStatus::Active)),
                     Err(StoreError::NotFound(_)) => Ok(None),
                     Err(e) => Err(unavailable(e)),

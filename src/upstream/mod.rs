@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod scrub;
+
 /// How long a pooled upstream connection may stay idle before it is closed.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
@@ -153,6 +155,8 @@ fn bracket_v6(host: &str) -> String {
 pub struct Upstreams {
     by_name: HashMap<String, Arc<Upstream>>,
     ordered: Vec<Arc<Upstream>>,
+    /// Masks every provider's key (and anything key-shaped) in what providers send back.
+    pub scrubber: Arc<scrub::Scrubber>,
 }
 
 impl Upstreams {
@@ -163,7 +167,12 @@ impl Upstreams {
             .map(|c| Upstream::new(c).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let by_name = ordered.iter().map(|u| (u.config.name.clone(), u.clone())).collect();
-        Ok(Upstreams { by_name, ordered })
+        let scrubber = Arc::new(scrub::Scrubber::new(configs.iter().map(|c| c.api_key.as_str())));
+        Ok(Upstreams {
+            by_name,
+            ordered,
+            scrubber,
+        })
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Upstream>> {

@@ -160,9 +160,7 @@ pub async fn stream(
         http::header::CONTENT_DISPOSITION,
         format!("attachment; filename=\"{name}\""),
     );
-    if !session.is_http2() {
-        let _ = resp.insert_header(http::header::TRANSFER_ENCODING, "chunked");
-    }
+    crate::proxy::frame_unknown_length(session, &mut resp);
     let gone = |_| StoreError::Unavailable("the client went away".into());
     session
         .write_response_header(Box::new(resp), false)

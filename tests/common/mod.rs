@@ -105,11 +105,17 @@ impl GatewayProcess {
 
     /// Start `komilion serve` with this `plugins:` section and `extra` YAML (e.g. `store:`).
     pub fn start_with(providers: &[ProviderSpec], plugins: &str, extra: &str) -> GatewayProcess {
+        GatewayProcess::start_with_grace(providers, plugins, extra, 0)
+    }
+
+    /// [`Self::start_with`] with a shutdown grace period: requests in flight when a shutdown
+    /// (or an upgrade's hand-over) begins get this long to finish before the process exits.
+    pub fn start_with_grace(providers: &[ProviderSpec], plugins: &str, extra: &str, grace_secs: u64) -> GatewayProcess {
         let port = free_port();
         let metrics_port = free_port();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut yaml = format!(
-            "server:\n  threads: 2\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n  pid_file: {dir}/k.pid\n  upgrade_sock: {dir}/k.sock\nlisten:\n  gateway: [\"127.0.0.1:{port}\"]\n  metrics: \"127.0.0.1:{metrics_port}\"\nproviders:\n",
+            "server:\n  threads: 2\n  grace_period_seconds: {grace_secs}\n  graceful_shutdown_timeout_seconds: 1\n  pid_file: {dir}/k.pid\n  upgrade_sock: {dir}/k.sock\nlisten:\n  gateway: [\"127.0.0.1:{port}\"]\n  metrics: \"127.0.0.1:{metrics_port}\"\nproviders:\n",
             dir = dir.path().display()
         );
         for p in providers {
@@ -165,6 +171,10 @@ impl GatewayProcess {
 }
 
 impl GatewayProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no shutdown work at all.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -418,6 +428,16 @@ impl GatewayProcess {
         plugins: &str,
         extra: &str,
     ) -> (GatewayProcess, Admin) {
+        GatewayProcess::with_store_grace(providers, store_url, plugins, extra, 0)
+    }
+
+    pub fn with_store_grace(
+        providers: &[ProviderSpec],
+        store_url: &str,
+        plugins: &str,
+        extra: &str,
+        grace_secs: u64,
+    ) -> (GatewayProcess, Admin) {
         let admin_port = free_port();
         // Each gateway spools usage in its own temp dir, unless the test names one.
         let spool = if extra.contains("usage:") {
@@ -428,7 +448,7 @@ impl GatewayProcess {
         let extra = format!(
             "store: \"{store_url}\"\nadmin:\n  listen: \"127.0.0.1:{admin_port}\"\n  token: \"{ADMIN_TOKEN}\"\n{spool}{extra}"
         );
-        let gw = GatewayProcess::start_with(providers, plugins, &extra);
+        let gw = GatewayProcess::start_with_grace(providers, plugins, &extra, grace_secs);
         let admin = Admin {
             base: format!("http://127.0.0.1:{admin_port}/admin/v1"),
             client: http(),

@@ -246,7 +246,7 @@ impl Plugin for RateLimit {
         let Some((key_id, _, Some(tpm))) = self.limits(ex) else {
             return Flow::Continue;
         };
-        let estimate = estimate_prompt_tokens(chat) + chat.max_tokens.unwrap_or(0);
+        let estimate = estimate_prompt_tokens(chat) + chat.max_tokens.unwrap_or(0).saturating_mul(chat.choices);
         let cap = self.share(tpm);
         let now = Instant::now();
         let buckets = self.buckets(&key_id);

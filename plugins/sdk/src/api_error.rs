@@ -19,8 +19,12 @@ pub enum ErrorKind {
     NotFound,
     /// 405: the route exists but not for this method.
     MethodNotAllowed,
+    /// 408: the client took too long to send its request head or body.
+    RequestTimeout,
     /// 413: the body is over the configured limit.
     RequestTooLarge,
+    /// 431: the request head (request line and headers) is over the configured limit.
+    HeadersTooLarge,
     /// 429: a rate limit was hit.
     RateLimited,
     /// 500: a bug or an unexpected state inside the gateway.
@@ -42,7 +46,9 @@ impl ErrorKind {
             ErrorKind::PermissionDenied => 403,
             ErrorKind::NotFound => 404,
             ErrorKind::MethodNotAllowed => 405,
+            ErrorKind::RequestTimeout => 408,
             ErrorKind::RequestTooLarge => 413,
+            ErrorKind::HeadersTooLarge => 431,
             ErrorKind::RateLimited => 429,
             ErrorKind::Internal => 500,
             ErrorKind::BadGateway => 502,
@@ -59,7 +65,9 @@ impl ErrorKind {
             | ErrorKind::PermissionDenied
             | ErrorKind::NotFound
             | ErrorKind::MethodNotAllowed
-            | ErrorKind::RequestTooLarge => "invalid_request_error",
+            | ErrorKind::RequestTimeout
+            | ErrorKind::RequestTooLarge
+            | ErrorKind::HeadersTooLarge => "invalid_request_error",
             ErrorKind::InsufficientQuota => "insufficient_quota",
             ErrorKind::RateLimited => "rate_limit_error",
             ErrorKind::Internal | ErrorKind::BadGateway | ErrorKind::Unavailable | ErrorKind::GatewayTimeout => {
@@ -76,7 +84,8 @@ impl ErrorKind {
             ErrorKind::InsufficientQuota => "billing_error",
             ErrorKind::PermissionDenied => "permission_error",
             ErrorKind::NotFound => "not_found_error",
-            ErrorKind::RequestTooLarge => "request_too_large",
+            ErrorKind::RequestTooLarge | ErrorKind::HeadersTooLarge => "request_too_large",
+            ErrorKind::RequestTimeout => "timeout_error",
             ErrorKind::RateLimited => "rate_limit_error",
             ErrorKind::Internal | ErrorKind::BadGateway => "api_error",
             ErrorKind::Unavailable => "overloaded_error",

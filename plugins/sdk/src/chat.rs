@@ -72,6 +72,8 @@ pub struct ChatRequest {
     /// The larger of `max_completion_tokens` and the older `max_tokens` (a provider may honour
     /// either, so holds and limits assume the larger).
     pub max_tokens: Option<u64>,
+    /// Answers asked for (OpenAI's `n`, 1 when absent): each may use `max_tokens`.
+    pub choices: u64,
     /// OpenAI's `user` (an end-user id the client chose), validated: it reaches the usage log.
     pub user: Option<String>,
     pub messages: Vec<ChatMessage>,
@@ -96,6 +98,7 @@ impl ChatRequest {
             stream: false,
             include_usage: false,
             max_tokens: None,
+            choices: 1,
             user: None,
             messages: Vec::new(),
             has_tools: false,
@@ -127,6 +130,7 @@ impl ChatRequest {
                     let opts: Option<StreamOptions> = typed(text, "stream_options")?;
                     req.include_usage = opts.and_then(|o| o.include_usage).unwrap_or(false);
                 }
+                "n" => req.choices = typed::<Option<u64>>(text, "n")?.unwrap_or(1).max(1),
                 "max_tokens" | "max_completion_tokens" => {
                     if let Some(n) = typed::<Option<u64>>(text, "max_tokens")? {
                         req.max_tokens = Some(req.max_tokens.map_or(n, |m| m.max(n)));
@@ -580,6 +584,9 @@ mod tests {
         // Nested objects keep serde's own duplicate check.
         assert!(parse(r#"{"model":"m","messages":[{"role":"user","content":"a","content":"b"}]}"#).is_err());
 
+        let n = parse(r#"{"model":"m","n":3,"messages":[]}"#).unwrap();
+        assert_eq!(n.choices, 3, "each of n answers may use max_tokens");
+        assert_eq!(parse(r#"{"model":"m","messages":[]}"#).unwrap().choices, 1);
         let both = parse(r#"{"model":"m","max_tokens":100000,"max_completion_tokens":1,"messages":[]}"#).unwrap();
         assert_eq!(both.max_tokens, Some(100000));
     }
