@@ -190,12 +190,22 @@ async fn admin_api_contract(store_url: &str) {
         )
         .await;
     assert_eq!(status, 200);
-    let (status, body, _) = chat(&gw, &secret2, "gpt-4o-mini").await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (403, Some("account_disabled")),
-        "{body}"
-    );
+    // The change reaches the key cache through the store's change notices (on this instance
+    // too, a moment after the admin call returns): wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body, _) = chat(&gw, &secret2, "gpt-4o-mini").await;
+        if status != 200 {
+            assert_eq!(
+                (status, body["error"]["code"].as_str()),
+                (403, Some("account_disabled")),
+                "{body}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the account was never disabled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
