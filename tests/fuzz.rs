@@ -681,6 +681,10 @@ fn client_view(stream: &[u8]) -> Vec<(Option<String>, String)> {
 /// Check what `inspect` made of one complete event.
 fn check_inspected(event: &Bytes, result: &Inspected, strip: bool) -> Result<(), String> {
     match result {
+        // An error event is relayed as it came (after the relay's scrubbing).
+        Inspected::Error(out) => {
+            ensure!(out == event, "an error event was changed by the meter");
+        }
         Inspected::Send(out) => {
             ensure!(
                 one_complete_event(out),
@@ -744,7 +748,7 @@ fn meter_property(case: &MeterCase) -> Result<(), String> {
                     failure.get_or_insert(why);
                 }
                 match result {
-                    Inspected::Send(out) => {
+                    Inspected::Send(out) | Inspected::Error(out) => {
                         outs.push(out.clone());
                         Some(out)
                     }
