@@ -56,6 +56,9 @@ fn pg_error(e: tokio_postgres::Error) -> StoreError {
     StoreError::Unavailable(error_chain(&e))
 }
 
+/// How long opening the store keeps trying to make its first connection.
+const STARTUP_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => pg_error(e),
@@ -200,7 +203,17 @@ impl PgStore {
             .recycle_timeout(Some(Duration::from_secs(2)))
             .build()
             .map_err(|e| StoreError::Internal(e.to_string()))?;
-        let client = bounded(async { pool.get().await.map_err(pool_error) }).await?;
+        // The first connection is made at start-up, when a busy machine or a server that has
+        // just started may take longer than a request could wait: slow attempts (the pool's
+        // own create timeout) are retried up to a start-up bound; a refusal fails at once.
+        let started = std::time::Instant::now();
+        let client = loop {
+            match pool.get().await {
+                Ok(client) => break client,
+                Err(deadpool_postgres::PoolError::Timeout(_)) if started.elapsed() < STARTUP_CONNECT_TIMEOUT => {}
+                Err(e) => return Err(pool_error(e)),
+            }
+        };
         let schema: String = client
             .query_one("SELECT current_schema()", &[])
             .await
