@@ -26,10 +26,13 @@ async fn gateway() -> (tempfile::TempDir, MockProvider, GatewayProcess, Admin) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bearer_scheme_is_case_insensitive() {
     let (_db, _mock, _gw, admin) = gateway().await;
-    for header in [
-        format!("Bearer {ADMIN_TOKEN}"),
-        format!("bearer {ADMIN_TOKEN}"),
-        format!("BEARER  {ADMIN_TOKEN} "),
+    for (header, status) in [
+        (format!("Bearer {ADMIN_TOKEN}"), 200),
+        (format!("bearer {ADMIN_TOKEN}"), 200),
+        (format!("BEARER  {ADMIN_TOKEN} "), 200),
+        (format!("Basic {ADMIN_TOKEN}"), 401),
+        (ADMIN_TOKEN.to_owned(), 401),
+        ("bearer".to_owned(), 401),
     ] {
         let resp = admin
             .client
@@ -38,21 +41,7 @@ async fn the_bearer_scheme_is_case_insensitive() {
             .send()
             .await
             .unwrap();
-        assert_eq!(resp.status(), 200, "{header:?}");
-    }
-    for header in [
-        format!("Basic {ADMIN_TOKEN}"),
-        ADMIN_TOKEN.to_owned(),
-        "bearer".to_owned(),
-    ] {
-        let resp = admin
-            .client
-            .get(format!("{}/accounts", admin.base))
-            .header("authorization", &header)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 401, "{header:?}");
+        assert_eq!(resp.status(), status, "{header:?}");
     }
 }
 

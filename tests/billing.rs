@@ -632,18 +632,6 @@ fn capped_body(model: &str, max_tokens: u64) -> Value {
     json!({"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi"}]})
 }
 
-async fn post_json(gw: &GatewayProcess, key: &str, body: &Value) -> (u16, Value) {
-    let resp = http()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(body)
-        .send()
-        .await
-        .expect("gateway answers");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
 /// One request the wallet cannot cover is refused alone: the next affordable request, on this
 /// instance or another, is served at once (not after the leases went idle).
 async fn no_false_402(store_url: &str, instances: usize) {
@@ -752,19 +740,8 @@ async fn the_hold_uses_the_larger_output_cap_and_repeated_keys_are_refused() {
     );
     let (_, _, secret) = admin.account_with_key(json!({"name": "d"}), Some("1")).await;
     let raw = |body: &'static str| {
-        let url = gw.url("/v1/chat/completions");
-        let secret = secret.clone();
-        async move {
-            let resp = http()
-                .post(url)
-                .bearer_auth(secret)
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
-        }
+        let (gw, secret) = (&gw, &secret);
+        async move { status_and_json(post_chat(gw, secret, body).await).await }
     };
     let (status, body) = raw(
         r#"{"model":"gpt-4o-mini","max_tokens":1,"max_tokens":2000000,"messages":[{"role":"user","content":"hi"}]}"#,

@@ -9,16 +9,10 @@ use common::*;
 use komilion::mock_provider::Behavior;
 use serde_json::{json, Value};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 async fn post(gw: &GatewayProcess, body: &Value) -> reqwest::Response {
-    http()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(CLIENT_KEY)
-        .json(body)
-        .send()
-        .await
-        .unwrap()
+    post_chat(gw, CLIENT_KEY, body.to_string()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,16 +97,15 @@ async fn stream_options_injection_can_be_turned_off_per_provider() {
         "",
     );
     let (account, _, secret) = admin.account_with_key(json!({"name": "s"}), Some("1")).await;
-    let body = http()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&secret)
-        .json(&chat_body("gpt-4o-mini", "count it yourself", true))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = post_chat(
+        &gw,
+        &secret,
+        chat_body("gpt-4o-mini", "count it yourself", true).to_string(),
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
     let delivered: String = sse_data(&body)
         .iter()
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
@@ -128,51 +121,19 @@ async fn stream_options_injection_can_be_turned_off_per_provider() {
 
 /// A provider that answers each request with a canned response chosen by the request's model.
 async fn canned_provider(answers: Vec<(&'static str, String)>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            let answers = answers.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 8192];
-                // Head, then as much body as content-length says.
-                loop {
-                    let Ok(n) = s.read(&mut chunk).await else { return };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    let text = String::from_utf8_lossy(&buf);
-                    if let Some(end) = text.find("\r\n\r\n") {
-                        let len: usize = text[..end]
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse().unwrap())
-                            })
-                            .unwrap_or(0);
-                        if buf.len() >= end + 4 + len {
-                            break;
-                        }
-                    }
-                }
-                let text = String::from_utf8_lossy(&buf);
-                let answer = answers
-                    .iter()
-                    .find(|(model, _)| text.contains(&format!("\"{model}\"")))
-                    .map(|(_, a)| a.clone())
-                    .unwrap_or_else(|| "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".into());
-                let _ = s.write_all(answer.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
+    hand_written_provider(move |mut s, request| {
+        let text = String::from_utf8_lossy(&request);
+        let answer = answers
+            .iter()
+            .find(|(model, _)| text.contains(&format!("\"{model}\"")))
+            .map(|(_, a)| a.clone())
+            .unwrap_or_else(|| "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".into());
+        async move {
+            let _ = s.write_all(answer.as_bytes()).await;
+            let _ = s.shutdown().await;
         }
-    });
-    format!("http://127.0.0.1:{port}/v1")
+    })
+    .await
 }
 
 fn json_response(status: &str, body: &str) -> String {

@@ -10,7 +10,7 @@ use komilion::mock_provider::Behavior;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Longest a test waits for the gateway to close a connection: far below Pingora's 60 s per
@@ -24,7 +24,7 @@ async fn connect(port: u16) -> TcpStream {
 
 /// Read until the gateway closes the connection (or `CLOSE_BOUND` passes): what was read and
 /// whether the connection closed.
-async fn until_closed(s: &mut TcpStream) -> (String, bool) {
+async fn until_closed(s: &mut (impl AsyncRead + Unpin)) -> (String, bool) {
     let mut out = Vec::new();
     let closed = tokio::time::timeout(CLOSE_BOUND, s.read_to_end(&mut out)).await.is_ok();
     (String::from_utf8_lossy(&out).into_owned(), closed)
@@ -36,6 +36,18 @@ fn status_and_code(answer: &str) -> (u16, String) {
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
     (status, v["error"]["code"].as_str().unwrap_or("").to_owned())
+}
+
+/// A connection watched by [`until_closed`] (closed, after how long, what it was told) was cut
+/// with a 408 at `deadline`: not before it, and not long after it (the margin only absorbs a
+/// loaded machine).
+fn assert_cut_at((closed, after, answer): (bool, Duration, String), deadline: Duration, what: &str) {
+    assert!(closed, "{what} was still open after {CLOSE_BOUND:?}");
+    assert!(
+        after >= deadline - Duration::from_millis(100) && after < deadline + Duration::from_secs(5),
+        "{what}: closed after {after:?}, deadline {deadline:?}"
+    );
+    assert_eq!(status_and_code(&answer), (408, "request_timeout".into()), "{answer}");
 }
 
 /// One response of a kept-alive connection: its status (the body, framed by its length, is read
@@ -137,11 +149,8 @@ async fn a_head_sent_a_byte_a_second_is_cut_at_the_deadline() {
     let (mut read, mut write) = connect(gw.port).await.into_split();
     let started = Instant::now();
     let reader = tokio::spawn(async move {
-        let mut out = Vec::new();
-        let closed = tokio::time::timeout(CLOSE_BOUND, read.read_to_end(&mut out))
-            .await
-            .is_ok();
-        (closed, started.elapsed(), String::from_utf8_lossy(&out).into_owned())
+        let (answer, closed) = until_closed(&mut read).await;
+        (closed, started.elapsed(), answer)
     });
     // Each byte comes well within Pingora's 60 s per read; only a deadline for the whole head
     // stops this client. The pause is the client's pace, not a wait for the gateway.
@@ -152,13 +161,7 @@ async fn a_head_sent_a_byte_a_second_is_cut_at_the_deadline() {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let (closed, after, answer) = reader.await.unwrap();
-    assert!(closed, "a byte-a-second head was still open after {CLOSE_BOUND:?}");
-    assert!(
-        after >= deadline - Duration::from_millis(100) && after < deadline + Duration::from_secs(5),
-        "closed after {after:?}, deadline {deadline:?}"
-    );
-    assert_eq!(status_and_code(&answer), (408, "request_timeout".into()), "{answer}");
+    assert_cut_at(reader.await.unwrap(), deadline, "a byte-a-second head");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,11 +264,8 @@ async fn a_body_trickled_past_its_deadline_gets_408() {
         .unwrap();
     let started = Instant::now();
     let reader = tokio::spawn(async move {
-        let mut out = Vec::new();
-        let closed = tokio::time::timeout(CLOSE_BOUND, read.read_to_end(&mut out))
-            .await
-            .is_ok();
-        (closed, started.elapsed(), String::from_utf8_lossy(&out).into_owned())
+        let (answer, closed) = until_closed(&mut read).await;
+        (closed, started.elapsed(), answer)
     });
     // A byte every 200 ms: each read is quick, the whole body is not.
     while !reader.is_finished() && started.elapsed() < CLOSE_BOUND {
@@ -274,13 +274,7 @@ async fn a_body_trickled_past_its_deadline_gets_408() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (closed, after, answer) = reader.await.unwrap();
-    assert!(closed, "a trickled body was still open after {CLOSE_BOUND:?}");
-    assert!(
-        after >= deadline - Duration::from_millis(100) && after < deadline + Duration::from_secs(5),
-        "closed after {after:?}, deadline {deadline:?}"
-    );
-    assert_eq!(status_and_code(&answer), (408, "request_timeout".into()), "{answer}");
+    assert_cut_at(reader.await.unwrap(), deadline, "a trickled body");
     gw.metric_until("komilion_client_timeouts_total{phase=\"body\"}", |v| v >= 1.0)
         .await;
 }

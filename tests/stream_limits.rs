@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// " hello" is one token in both OpenAI encodings: a text of N of them is N tokens.
 const HELLO: &str = " hello";
@@ -19,69 +19,37 @@ const HELLO: &str = " hello";
 /// `hellos` × " hello" each and no usage, then `[DONE]`; or, with `oversized`, one event of that
 /// many bytes that never ends. Generated as it is written: the test holds none of it.
 async fn streaming_provider(events: usize, hellos: usize, oversized: Option<usize>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 65536];
-                loop {
-                    let Ok(n) = s.read(&mut buf).await else { return };
-                    if n == 0 {
-                        return;
-                    }
-                    head.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&head);
-                    if let Some(end) = text.find("\r\n\r\n") {
-                        let len: usize = text[..end]
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse().unwrap())
-                            })
-                            .unwrap_or(0);
-                        if head.len() >= end + 4 + len {
-                            break;
-                        }
-                    }
-                }
-                // Close-delimited, as some providers do.
-                let header = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
-                if s.write_all(header.as_bytes()).await.is_err() {
-                    return;
-                }
-                if let Some(size) = oversized {
-                    let start = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"";
-                    let _ = s.write_all(start).await;
-                    let filler = vec![b'x'; 65536];
-                    let mut sent = 0;
-                    while sent < size {
-                        if s.write_all(&filler).await.is_err() {
-                            return;
-                        }
-                        sent += filler.len();
-                    }
-                    return;
-                }
-                let event = format!(
-                    "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{}\"}},\"finish_reason\":null}}]}}\n\n",
-                    HELLO.repeat(hellos)
-                );
-                for _ in 0..events {
-                    if s.write_all(event.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-                let _ = s.write_all(b"data: [DONE]\n\n").await;
-            });
+    hand_written_provider(move |mut s, _request| async move {
+        // Close-delimited, as some providers do.
+        let header = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+        if s.write_all(header.as_bytes()).await.is_err() {
+            return;
         }
-    });
-    format!("http://127.0.0.1:{port}/v1")
+        if let Some(size) = oversized {
+            let start = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"";
+            let _ = s.write_all(start).await;
+            let filler = vec![b'x'; 65536];
+            let mut sent = 0;
+            while sent < size {
+                if s.write_all(&filler).await.is_err() {
+                    return;
+                }
+                sent += filler.len();
+            }
+            return;
+        }
+        let event = format!(
+            "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{}\"}},\"finish_reason\":null}}]}}\n\n",
+            HELLO.repeat(hellos)
+        );
+        for _ in 0..events {
+            if s.write_all(event.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+        let _ = s.write_all(b"data: [DONE]\n\n").await;
+    })
+    .await
 }
 
 fn rss_bytes(pid: u32) -> u64 {
@@ -113,13 +81,8 @@ async fn a_400_mb_stream_without_usage_keeps_memory_flat_and_bills_what_was_deli
     );
     let (account, _, secret) = admin.account_with_key(json!({"name": "big"}), Some("1000")).await;
     // Warm up on the same tokenizer (o200k, loaded once for the process), pools and buffers.
-    let warmed = http()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&secret)
-        .json(&chat_body("gpt-4o", "warm up", true))
-        .send()
+    let warmed = post_chat(&gw, &secret, chat_body("gpt-4o", "warm up", true).to_string())
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
@@ -188,13 +151,8 @@ async fn an_event_over_the_size_cap_ends_the_stream_with_an_error_event() {
         "limits:\n  stream_event_max_bytes: 1048576\n",
     );
     let body = tokio::time::timeout(Duration::from_secs(120), async {
-        http()
-            .post(gw.url("/v1/chat/completions"))
-            .bearer_auth(CLIENT_KEY)
-            .json(&chat_body("gpt-4o-mini", "huge", true))
-            .send()
+        post_chat(&gw, CLIENT_KEY, chat_body("gpt-4o-mini", "huge", true).to_string())
             .await
-            .unwrap()
             .text()
             .await
             .unwrap()

@@ -23,20 +23,13 @@ fn spool_config(spool: &Path) -> String {
 
 /// POST a raw chat body; the status, the usage record id and the JSON body.
 async fn post_raw(gw: &GatewayProcess, key: &str, body: String) -> (u16, Option<String>, Value) {
-    let resp = http()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .expect("gateway answers");
-    let status = resp.status().as_u16();
+    let resp = post_chat(gw, key, body).await;
     let id = resp
         .headers()
         .get("x-komilion-request-id")
         .map(|v| v.to_str().unwrap().to_owned());
-    (status, id, resp.json().await.unwrap_or(Value::Null))
+    let (status, body) = status_and_json(resp).await;
+    (status, id, body)
 }
 
 fn record(account: &str, request_id: &str, model: &str) -> UsageRecord {

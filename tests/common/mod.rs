@@ -73,6 +73,22 @@ impl ProviderSpec {
     }
 }
 
+/// `komilion serve -c <config>` with `flags` (e.g. `-u`), with the test environment.
+fn spawn_serve(config_path: &std::path::Path, flags: &[&str]) -> Child {
+    Command::new(BIN)
+        .arg("serve")
+        .args(flags)
+        .arg("-c")
+        .arg(config_path)
+        .env("TEST_PROVIDER_KEY", PROVIDER_KEY)
+        .env("KOMILION_MASTER_KEY", TEST_MASTER_KEY)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn komilion serve")
+}
+
 /// A gateway process on free ports.
 pub struct GatewayProcess {
     child: Child,
@@ -132,16 +148,7 @@ impl GatewayProcess {
         yaml.push_str(&extra.replace("{DIR}", &dir.path().display().to_string()));
         let config_path = dir.path().join("komilion.yaml");
         std::fs::write(&config_path, yaml).expect("write config");
-        let child = Command::new(BIN)
-            .args(["serve", "-c"])
-            .arg(&config_path)
-            .env("TEST_PROVIDER_KEY", PROVIDER_KEY)
-            .env("KOMILION_MASTER_KEY", TEST_MASTER_KEY)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn komilion");
+        let child = spawn_serve(&config_path, &[]);
         let mut gw = GatewayProcess {
             child,
             port,
@@ -198,16 +205,7 @@ impl GatewayProcess {
 
     /// Start the same config again (after `kill` or `terminate`).
     pub fn restart(&mut self) {
-        self.child = Command::new(BIN)
-            .args(["serve", "-c"])
-            .arg(&self.config_path)
-            .env("TEST_PROVIDER_KEY", PROVIDER_KEY)
-            .env("KOMILION_MASTER_KEY", TEST_MASTER_KEY)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn komilion");
+        self.child = spawn_serve(&self.config_path, &[]);
         self.wait_ready();
     }
 }
@@ -462,16 +460,33 @@ pub const STORE_PLUGINS: &str = "plugins:\n  - name: request_id\n  - name: key_a
 
 /// POST a chat completion with `key`; the status and JSON body.
 pub async fn chat(gw: &GatewayProcess, key: &str, model: &str) -> (u16, serde_json::Value, reqwest::header::HeaderMap) {
-    let resp = http()
+    let resp = post_chat(gw, key, chat_body(model, "hello", false).to_string()).await;
+    let headers = resp.headers().clone();
+    let (status, body) = status_and_json(resp).await;
+    (status, body, headers)
+}
+
+/// POST a chat completion body, sent exactly as given (JSON text), with `key`.
+pub async fn post_chat(gw: &GatewayProcess, key: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+    http()
         .post(gw.url("/v1/chat/completions"))
         .bearer_auth(key)
-        .json(&chat_body(model, "hello", false))
+        .header("content-type", "application/json")
+        .body(body)
         .send()
         .await
-        .expect("gateway answers");
+        .expect("gateway answers")
+}
+
+/// POST a chat completion body with `key`; the status and the JSON answer.
+pub async fn post_json(gw: &GatewayProcess, key: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    status_and_json(post_chat(gw, key, body.to_string()).await).await
+}
+
+/// An answer's status and JSON body (null when the body is not JSON).
+pub async fn status_and_json(resp: reqwest::Response) -> (u16, serde_json::Value) {
     let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    (status, resp.json().await.unwrap_or(serde_json::Value::Null), headers)
+    (status, resp.json().await.unwrap_or(serde_json::Value::Null))
 }
 
 /// A TCP relay in front of a server, which a test can cut (every connection dropped, new ones
@@ -526,16 +541,7 @@ impl GatewayProcess {
     pub fn upgrade(&mut self) {
         let sock = self.config_path.with_file_name("k.sock");
         let _ = std::fs::remove_file(&sock);
-        let new = Command::new(BIN)
-            .args(["serve", "-u", "-c"])
-            .arg(&self.config_path)
-            .env("TEST_PROVIDER_KEY", PROVIDER_KEY)
-            .env("KOMILION_MASTER_KEY", TEST_MASTER_KEY)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn komilion -u");
+        let new = spawn_serve(&self.config_path, &["-u"]);
         // The new process listens on the upgrade socket once it is ready to take the fds.
         let deadline = Instant::now() + Duration::from_secs(30);
         while !sock.exists() {
@@ -583,6 +589,61 @@ impl GatewayProcess {
             }
             assert!(Instant::now() < deadline, "{series} stayed at {value}");
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A provider written by hand for one test: every connection's request (head and
+/// `content-length` body) is read whole, then `answer` gets the socket and the request's bytes
+/// to write whatever the test needs. Returns the base URL.
+pub async fn hand_written_provider<F, Fut>(answer: F) -> String
+where
+    F: Fn(tokio::net::TcpStream, Vec<u8>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                if let Some(request) = read_request(&mut s).await {
+                    answer(s, request).await;
+                }
+            });
+        }
+    });
+    format!("http://127.0.0.1:{port}/v1")
+}
+
+/// One HTTP/1.1 request: its head, then as many body bytes as `content-length` says. None if
+/// the connection closes first.
+async fn read_request(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut request = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        let n = s.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        request.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&request);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if request.len() >= end + 4 + len {
+                return Some(request);
+            }
         }
     }
 }
