@@ -575,8 +575,8 @@ fn answer_bytes(error: &ApiError) -> Vec<u8> {
         "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n",
         body.len()
     );
-    if let Some(secs) = error.retry_after_secs {
-        out.push_str(&format!("retry-after: {secs}\r\n"));
+    for (name, value) in error.retry_headers() {
+        out.push_str(&format!("{name}: {value}\r\n"));
     }
     out.push_str("\r\n");
     let mut out = out.into_bytes();

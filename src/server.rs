@@ -268,7 +268,12 @@ pub fn build_server(config: &Config, mut opt: Opt) -> Result<Server, BuildError>
     server.add_service(edge_service("komilion gateway", proxy, config, &gateway_addrs));
 
     if let Some(admin) = &config.admin {
-        let api = AdminApi::new(slot.clone(), &admin.token, master_keys.clone());
+        let api = AdminApi::new(
+            slot.clone(),
+            &admin.token,
+            master_keys.clone(),
+            config.client.body_timeout,
+        );
         let proxy = pingora::proxy::http_proxy(&server.configuration, api);
         server.add_service(edge_service("komilion admin", proxy, config, &[&admin.listen]));
     }

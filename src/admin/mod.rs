@@ -21,7 +21,7 @@
 
 pub mod ops;
 
-use crate::proxy::body::{read_body, DEFAULT_BODY_TIMEOUT};
+use crate::proxy::body::read_body;
 use crate::secrets::MasterKeys;
 use crate::store::cache::StoreSlot;
 use crate::store::Store;
@@ -36,7 +36,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 
 /// Largest admin request body.
@@ -46,6 +46,8 @@ pub struct AdminApi {
     store: StoreSlot,
     token_digest: [u8; 32],
     master_keys: Option<Arc<MasterKeys>>,
+    /// Time a client has to send a whole request body (`limits.body_timeout_ms`).
+    body_timeout: Duration,
 }
 
 /// What a handler answers: a status and a JSON body (none for 204).
@@ -56,11 +58,17 @@ impl AdminApi {
         crate::store::cache::opened(&self.store).await.cloned()
     }
 
-    pub fn new(store: StoreSlot, token: &str, master_keys: Option<Arc<MasterKeys>>) -> AdminApi {
+    pub fn new(
+        store: StoreSlot,
+        token: &str,
+        master_keys: Option<Arc<MasterKeys>>,
+        body_timeout: Duration,
+    ) -> AdminApi {
         AdminApi {
             store,
             token_digest: Sha256::digest(token.as_bytes()).into(),
             master_keys,
+            body_timeout,
         }
     }
 
@@ -76,9 +84,9 @@ impl AdminApi {
         bool::from(digest.ct_eq(&self.token_digest))
     }
 
-    async fn body<T: DeserializeOwned>(session: &mut Session) -> Result<T, OpError> {
+    async fn body<T: DeserializeOwned>(&self, session: &mut Session) -> Result<T, OpError> {
         let mut timing = Timing::new(Instant::now());
-        let raw = read_body(session, MAX_ADMIN_BODY, DEFAULT_BODY_TIMEOUT, &mut timing)
+        let raw = read_body(session, MAX_ADMIN_BODY, self.body_timeout, &mut timing)
             .await
             .map_err(|e| match e {
                 crate::proxy::body::BodyError::TooLarge(e) | crate::proxy::body::BodyError::TimedOut(e) => {
@@ -112,7 +120,7 @@ impl AdminApi {
         use http::Method as M;
         match (&method, parts.as_slice()) {
             (&M::POST, ["accounts"]) => {
-                let body = Self::body(session).await?;
+                let body = self.body(session).await?;
                 Ok((201, Some(ops::create_account(store, body).await?)))
             }
             (&M::GET, ["accounts"]) => {
@@ -129,11 +137,11 @@ impl AdminApi {
                 Ok((204, None))
             }
             (&M::PATCH, ["accounts", id]) => {
-                let body = Self::body(session).await?;
+                let body = self.body(session).await?;
                 Ok((200, Some(ops::update_account(store, id, body).await?)))
             }
             (&M::POST, ["accounts", id, "keys"]) => {
-                let body = Self::body(session).await?;
+                let body = self.body(session).await?;
                 Ok((201, Some(ops::create_key(store, id, body).await?)))
             }
             (&M::GET, ["accounts", id, "keys"]) => Ok((200, Some(ops::list_keys(store, id).await?))),
@@ -149,12 +157,12 @@ impl AdminApi {
                     .get("idempotency-key")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
-                let body = Self::body(session).await?;
+                let body = self.body(session).await?;
                 Ok((200, Some(ops::top_up(store, id, body, reference.as_deref()).await?)))
             }
             (&M::GET, ["accounts", id, "provider-keys"]) => Ok((200, Some(ops::list_provider_keys(store, id).await?))),
             (&M::PUT, ["accounts", id, "provider-keys", provider]) => {
-                let body = Self::body(session).await?;
+                let body = self.body(session).await?;
                 ops::put_provider_key(store, self.master_keys.as_deref(), id, provider, body).await?;
                 Ok((204, None))
             }

@@ -64,16 +64,6 @@ pub struct StreamLimits {
     pub count_window_bytes: usize,
 }
 
-impl Default for StreamLimits {
-    fn default() -> Self {
-        let limits = LimitsSection::default();
-        StreamLimits {
-            max_event_bytes: limits.stream_event_max_bytes as usize,
-            count_window_bytes: limits.stream_count_window_bytes as usize,
-        }
-    }
-}
-
 /// The validated config the gateway runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -133,18 +123,7 @@ impl Config {
         if file.limits.max_body_bytes == 0 {
             issues.push(ConfigIssue::new("limits.max_body_bytes", "must be greater than 0"));
         }
-        if !(1024..=1024 * 1024 * 1024).contains(&file.limits.stream_event_max_bytes) {
-            issues.push(ConfigIssue::new(
-                "limits.stream_event_max_bytes",
-                "must be between 1024 (1 KiB) and 1073741824 (1 GiB)",
-            ));
-        }
-        if !(1024..=1024 * 1024).contains(&file.limits.stream_count_window_bytes) {
-            issues.push(ConfigIssue::new(
-                "limits.stream_count_window_bytes",
-                "must be between 1024 (1 KiB) and 1048576 (1 MiB)",
-            ));
-        }
+        let stream_limits = validate_stream_limits(&file.limits, issues);
         let client = validate_client_limits(&file.limits, issues);
         if file.listen.gateway.is_empty() {
             issues.push(ConfigIssue::new("listen.gateway", "at least one address is required"));
@@ -261,10 +240,7 @@ impl Config {
             server: file.server,
             listen: file.listen,
             max_body_bytes: file.limits.max_body_bytes as usize,
-            stream_limits: StreamLimits {
-                max_event_bytes: file.limits.stream_event_max_bytes as usize,
-                count_window_bytes: file.limits.stream_count_window_bytes as usize,
-            },
+            stream_limits,
             client,
             providers,
             plugins: file.plugins,
@@ -281,6 +257,25 @@ impl Config {
 
 /// Longest time limit accepted: a day. A bound keeps deadlines (now + limit) from overflowing.
 const MAX_LIMIT_MS: u64 = 86_400_000;
+
+fn validate_stream_limits(limits: &LimitsSection, issues: &mut Vec<ConfigIssue>) -> StreamLimits {
+    if !(1024..=1024 * 1024 * 1024).contains(&limits.stream_event_max_bytes) {
+        issues.push(ConfigIssue::new(
+            "limits.stream_event_max_bytes",
+            "must be between 1024 (1 KiB) and 1073741824 (1 GiB)",
+        ));
+    }
+    if !(1024..=1024 * 1024).contains(&limits.stream_count_window_bytes) {
+        issues.push(ConfigIssue::new(
+            "limits.stream_count_window_bytes",
+            "must be between 1024 (1 KiB) and 1048576 (1 MiB)",
+        ));
+    }
+    StreamLimits {
+        max_event_bytes: limits.stream_event_max_bytes as usize,
+        count_window_bytes: limits.stream_count_window_bytes as usize,
+    }
+}
 
 fn validate_client_limits(limits: &LimitsSection, issues: &mut Vec<ConfigIssue>) -> crate::edge::ClientLimits {
     use crate::edge::{ClientLimits, PINGORA_MAX_HEADER_BYTES};

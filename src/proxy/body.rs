@@ -9,10 +9,6 @@ use komilion_sdk::{ApiError, ErrorKind, Timing};
 use pingora::proxy::Session;
 use std::time::{Duration, Instant};
 
-/// The body deadline of listeners without a configured one (the admin API's): the default
-/// of `limits.body_timeout_ms`.
-pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
-
 pub enum BodyError {
     /// Over the limit: answer 413 and close the connection (the rest is never read).
     TooLarge(ApiError),

@@ -186,7 +186,7 @@ impl Gateway {
             // refuses the field.
             chat.request_upstream_usage(upstream.config.stream_usage);
             let body = chat.upstream_body();
-            let answer = match self
+            let mut answer = match self
                 .attempt(upstream, chat.stream, body, &mut ctx.exchange.timing)
                 .await
             {
@@ -209,11 +209,13 @@ impl Gateway {
                 Answer::Stream(_) => 200,
             };
             self.chain.on_upstream_status(candidate, status, &mut ctx.exchange);
-            if let Answer::Whole { body, .. } = &answer {
+            if let Answer::Whole { body, .. } = &mut answer {
                 if !(200..300).contains(&status) {
-                    // The raw body, masked the same way as what the client may get; loud for
-                    // what an operator must act on, quiet for a client's own mistakes.
-                    let masked = self.upstreams.scrubber.scrub_bytes(&body[..body.len().min(4096)]);
+                    // An error body may quote a credential: masked once, for the client and for
+                    // the log (a successful answer is relayed byte for byte). Loud for what an
+                    // operator must act on, quiet for a client's own mistakes.
+                    *body = self.upstreams.scrubber.scrub_body(std::mem::take(body));
+                    let masked = String::from_utf8_lossy(&body[..body.len().min(4096)]);
                     if status >= 500 || status == 401 || status == 403 {
                         tracing::warn!(provider = upstream.name(), request_id = %ctx.exchange.request_id, status, "the provider answered an error: {masked}");
                     } else {
@@ -251,16 +253,6 @@ impl Gateway {
                     headers,
                 } => {
                     ctx.provider_headers = headers;
-                    // An error body may quote a credential; a successful answer is relayed as
-                    // it came (byte for byte).
-                    let body = if (200..300).contains(&status) {
-                        body
-                    } else {
-                        match self.upstreams.scrubber.scrub(&String::from_utf8_lossy(&body)) {
-                            std::borrow::Cow::Borrowed(_) => body,
-                            std::borrow::Cow::Owned(masked) => Bytes::from(masked),
-                        }
-                    };
                     if (200..300).contains(&status) {
                         ctx.exchange.usage =
                             usage_from_body(&body).unwrap_or_else(|| estimate_whole(chat, &candidate.model, &body));
@@ -442,18 +434,9 @@ impl Gateway {
                 if let Some(why) = fed.broken {
                     // Never relay what the client's SDK cannot parse: end its stream cleanly
                     // with an error, bill what was delivered, and drop the upstream connection.
-                    METRICS
-                        .upstream_errors
-                        .with_label_values(&[upstream.name(), "bad_response"])
-                        .inc();
-                    tracing::warn!(provider = upstream.name(), request_id = %ctx.exchange.request_id, "stream ended: {why}");
+                    let error = invalid_stream(upstream, &ctx.exchange.request_id, &why);
                     ctx.exchange.usage = stream_usage(&mut relay, chat, &model);
                     self.finish_usage(ctx, 200);
-                    let error = ApiError::new(
-                        ErrorKind::BadGateway,
-                        format!("The provider `{}` sent an invalid stream: {why}.", upstream.name()),
-                    )
-                    .with_code("bad_upstream_response");
                     outbox.push(stream_error_event(&error, ctx.exchange.surface));
                     if end_client_stream(session, outbox.take()).await.is_err() {
                         ctx.client_gone = true;
@@ -498,11 +481,7 @@ impl Gateway {
                         outbox.push(out);
                     }
                     if let Some(why) = fed.broken {
-                        let error = ApiError::new(
-                            ErrorKind::BadGateway,
-                            format!("The provider `{}` sent an invalid stream: {why}.", upstream.name()),
-                        )
-                        .with_code("bad_upstream_response");
+                        let error = invalid_stream(upstream, &ctx.exchange.request_id, &why);
                         outbox.push(stream_error_event(&error, ctx.exchange.surface));
                     }
                     ctx.exchange.usage = stream_usage(&mut relay, chat, &model);
@@ -587,6 +566,21 @@ impl Outbox {
             None => first,
         }
     }
+}
+
+/// A provider's stream that cannot go on (an event that is not valid, or over the size cap):
+/// counted and logged, and the error its client's stream ends with.
+fn invalid_stream(upstream: &Upstream, request_id: &str, why: &str) -> ApiError {
+    METRICS
+        .upstream_errors
+        .with_label_values(&[upstream.name(), "bad_response"])
+        .inc();
+    tracing::warn!(provider = upstream.name(), request_id, "stream ended: {why}");
+    ApiError::new(
+        ErrorKind::BadGateway,
+        format!("The provider `{}` sent an invalid stream: {why}.", upstream.name()),
+    )
+    .with_code("bad_upstream_response")
 }
 
 /// A stream's usage: the provider's, or counted from what was delivered.

@@ -205,25 +205,31 @@ impl Gateway {
         Ok(view)
     }
 
-    async fn chat_completions(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), LocalResponse> {
-        let view = self.authorize(session, ctx).await?;
-        let read = body::read_body(
-            session,
-            self.max_body_bytes,
-            self.body_timeout,
-            &mut ctx.exchange.timing,
-        )
-        .await;
-        let raw = match read {
-            Ok(raw) => raw,
+    /// The request's whole body (at most `limit` bytes, within the body deadline); None when
+    /// the client went away, an answer to send when it is too large or too slow.
+    async fn read_client_body(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        limit: usize,
+    ) -> Result<Option<Bytes>, LocalResponse> {
+        match body::read_body(session, limit, self.body_timeout, &mut ctx.exchange.timing).await {
+            Ok(raw) => Ok(Some(raw)),
             Err(e) => match e.into_answer() {
-                Some(answer) => return Err(answer.into()),
+                Some(answer) => Err(answer.into()),
                 None => {
                     ctx.client_gone = true;
                     session.set_keepalive(None);
-                    return Ok(());
+                    Ok(None)
                 }
             },
+        }
+    }
+
+    async fn chat_completions(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), LocalResponse> {
+        let view = self.authorize(session, ctx).await?;
+        let Some(raw) = self.read_client_body(session, ctx, self.max_body_bytes).await? else {
+            return Ok(());
         };
         let mut chat = ChatRequest::parse(raw).map_err(ApiError::from)?;
         ctx.exchange.requested_model = Some(chat.model.clone());

@@ -99,12 +99,7 @@ impl Gateway {
         match response {
             LocalResponse::Error(e) => {
                 let body = Bytes::from(e.render(ctx.exchange.surface));
-                let mut extra = Vec::new();
-                if let Some(secs) = e.retry_after_secs {
-                    extra.push(("retry-after", secs.to_string()));
-                    let ms = e.retry_after_ms.unwrap_or(secs.saturating_mul(1000));
-                    extra.push(("retry-after-ms", ms.to_string()));
-                }
+                let extra = e.retry_headers();
                 self.send_body_with(session, ctx, e.status(), "application/json", body, &extra)
                     .await;
             }

@@ -30,6 +30,13 @@ pub struct Fed {
     pub broken: Option<String>,
 }
 
+/// An event over the size cap (complete, or still waiting for its blank line): counted, and
+/// why the stream ends.
+fn too_large(max_event: usize) -> String {
+    crate::metrics::METRICS.stream_events_too_large.inc();
+    format!("the provider sent an event over the limit of {max_event} bytes")
+}
+
 impl StreamRelay {
     /// `strip_usage`: the usage chunk was requested for the gateway, not the client. `model`
     /// names the tokenizer that counts delivered output if no usage arrives.
@@ -71,10 +78,7 @@ impl StreamRelay {
                 return None;
             }
             if raw.len() > *max_event {
-                crate::metrics::METRICS.stream_events_too_large.inc();
-                *broken = Some(format!(
-                    "the provider sent an event over the limit of {max_event} bytes"
-                ));
+                *broken = Some(too_large(*max_event));
                 return None;
             }
             match meter.inspect(raw.clone()) {
@@ -92,13 +96,9 @@ impl StreamRelay {
                     Some(out)
                 }
                 Inspected::Error(event) => {
-                    let text = String::from_utf8_lossy(&event);
-                    let scrubbed = scrubber.scrub(&text);
-                    tracing::warn!(request_id = %ex.request_id, "the provider reported an error in the stream: {}", scrubbed.trim());
-                    Some(match scrubbed {
-                        std::borrow::Cow::Borrowed(_) => event,
-                        std::borrow::Cow::Owned(masked) => Bytes::from(masked),
-                    })
+                    let event = scrubber.scrub_body(event);
+                    tracing::warn!(request_id = %ex.request_id, "the provider reported an error in the stream: {}", String::from_utf8_lossy(&event).trim());
+                    Some(event)
                 }
                 Inspected::Drop => None,
                 Inspected::Malformed(why) => {
@@ -108,10 +108,7 @@ impl StreamRelay {
             }
         });
         if broken.is_none() && splitter.buffered() > *max_event {
-            crate::metrics::METRICS.stream_events_too_large.inc();
-            *broken = Some(format!(
-                "the provider sent an event over the limit of {max_event} bytes"
-            ));
+            *broken = Some(too_large(*max_event));
             splitter.clear();
         }
         Fed {

@@ -2,7 +2,6 @@
 //! plugin chain (no API key) and answers in Stripe's terms: 2xx when handled (or deliberately
 //! ignored), 400 for a bad signature or event, 503 when the store is down (Stripe retries).
 
-use super::body::{read_body, BodyError};
 use super::{Gateway, RequestCtx};
 use crate::billing::stripe::{handle_event, verify_signature, Outcome, WebhookError};
 use crate::store::cache::StoreSlot;
@@ -37,10 +36,8 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();
-        let payload = match read_body(session, MAX_WEBHOOK_BODY, self.body_timeout, &mut ctx.exchange.timing).await {
-            Ok(p) => p,
-            Err(BodyError::TooLarge(e) | BodyError::TimedOut(e)) => return Err(e.into()),
-            Err(BodyError::ClientGone) => return Ok(()),
+        let Some(payload) = self.read_client_body(session, ctx, MAX_WEBHOOK_BODY).await? else {
+            return Ok(());
         };
         let now = chrono::Utc::now().timestamp();
         if let Err(e) = verify_signature(&header, &payload, &endpoint.secret, endpoint.tolerance_secs, now) {

@@ -192,12 +192,15 @@ impl TlsParams {
         let mut config = match self.check() {
             Check::Nothing => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyCert { algorithms }))
+                .with_custom_certificate_verifier(Arc::new(NoNameCheck {
+                    roots: None,
+                    algorithms,
+                }))
                 .with_no_client_auth(),
             Check::Chain => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(ChainOnly {
-                    roots: Arc::new(self.root_store()?),
+                .with_custom_certificate_verifier(Arc::new(NoNameCheck {
+                    roots: Some(Arc::new(self.root_store()?)),
                     algorithms,
                 }))
                 .with_no_client_auth(),
@@ -354,58 +357,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for Rustl
     }
 }
 
-/// `prefer`/`require` without a root certificate: encryption against passive eavesdroppers,
-/// no proof of whom we talk to (libpq's behaviour, and why verify-full exists). The handshake
-/// signature is still checked, so the peer at least holds the key of the certificate it shows.
+/// The certificate checks that do not look at the name in the certificate.
+/// - `roots: None` (`prefer`/`require` without a root certificate): encryption against passive
+///   eavesdroppers, no proof of whom we talk to (libpq's behaviour, and why verify-full exists).
+/// - `roots: Some` (verify-ca): the chain must lead to a trusted CA; the name is not looked at
+///   (servers reached by an address their certificate does not name).
+///
+/// The handshake signature is checked either way, so the peer at least holds the key of the
+/// certificate it shows.
 #[derive(Debug)]
-struct AnyCert {
+struct NoNameCheck {
+    roots: Option<Arc<RootCertStore>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// verify-ca: the chain must lead to a trusted CA; the name in the certificate is not looked at
-/// (servers reached by an address their certificate does not name).
-#[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for NoNameCheck {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -414,14 +380,16 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
+        if let Some(roots) = &self.roots {
+            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.algorithms.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 

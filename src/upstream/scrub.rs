@@ -14,6 +14,7 @@
 //! Masking keeps the first four characters (`sk-p…`), so an operator can still tell which key
 //! a provider complained about.
 
+use bytes::Bytes;
 use std::borrow::Cow;
 
 /// What replaces the rest of a masked secret.
@@ -79,10 +80,13 @@ impl Scrubber {
         Cow::Owned(out)
     }
 
-    /// [`Self::scrub`] for bytes that may not be UTF-8 (lossy, then scrubbed).
-    pub fn scrub_bytes(&self, bytes: &[u8]) -> String {
-        let text = String::from_utf8_lossy(bytes);
-        self.scrub(&text).into_owned()
+    /// [`Self::scrub`] for a body that may not be UTF-8 (read lossily): the same bytes, not
+    /// copied, when there was nothing to mask.
+    pub fn scrub_body(&self, body: Bytes) -> Bytes {
+        match self.scrub(&String::from_utf8_lossy(&body)) {
+            Cow::Borrowed(_) => body,
+            Cow::Owned(masked) => Bytes::from(masked),
+        }
     }
 }
 

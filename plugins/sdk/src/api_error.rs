@@ -140,6 +140,16 @@ impl ApiError {
         self
     }
 
+    /// The headers that say how long to wait: `retry-after` (seconds) and `retry-after-ms`, or
+    /// none when the error names no wait.
+    pub fn retry_headers(&self) -> Vec<(&'static str, String)> {
+        let Some(secs) = self.retry_after_secs else {
+            return Vec::new();
+        };
+        let ms = self.retry_after_ms.unwrap_or(secs.saturating_mul(1000));
+        vec![("retry-after", secs.to_string()), ("retry-after-ms", ms.to_string())]
+    }
+
     pub fn with_retry_after(mut self, secs: u64) -> Self {
         self.retry_after_secs = Some(secs);
         self
