@@ -63,6 +63,9 @@ pub struct Choice {
     pub output: Output,
     /// `stop`, `length` or `tool_calls`.
     pub finish_reason: &'static str,
+    /// The stop string the text was cut at, when that ended it (Anthropic names it in
+    /// `stop_sequence`; OpenAI says only `stop`).
+    pub stop: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -183,6 +186,7 @@ fn tool_call(model: &str, name: &str, parameters: &Value, max_tokens: Option<u64
             arguments: token_pieces(model, &arguments),
         },
         finish_reason,
+        stop: None,
     };
     (choice, tokens)
 }
@@ -201,13 +205,21 @@ fn tool_call_id() -> String {
 fn text(model: &str, mut pieces: Vec<String>, stops: &[String], max_tokens: Option<u64>) -> (Choice, u64) {
     let mut content = pieces.concat();
     let mut finish_reason = "stop";
-    if let Some(at) = stops.iter().filter_map(|s| content.find(s.as_str())).min() {
+    let mut stop = None;
+    if let Some((at, s)) = stops
+        .iter()
+        .filter_map(|s| Some((content.find(s.as_str())?, s)))
+        .min_by_key(|(at, _)| *at)
+    {
         content.truncate(at);
+        stop = Some(s.clone());
     }
     if let Some(max) = max_tokens {
         if let Some(cut) = token_cut(model, &content, max) {
             content.truncate(cut);
             finish_reason = "length";
+            // Cut before it reached the stop string.
+            stop = None;
         }
     }
     cut_pieces(&mut pieces, content.len());
@@ -215,6 +227,7 @@ fn text(model: &str, mut pieces: Vec<String>, stops: &[String], max_tokens: Opti
         Choice {
             output: Output::Text(pieces),
             finish_reason,
+            stop,
         },
         count_text(model, &content),
     )
@@ -386,6 +399,11 @@ mod tests {
         let p = plan(&ask(json!({"stop": [" fox", " quick"]})), MODEL, 8).unwrap();
         assert_eq!(content(&p.choices[0]), "Echo: hi The");
         assert_eq!(p.choices[0].finish_reason, "stop");
+        assert_eq!(
+            p.choices[0].stop.as_deref(),
+            Some(" quick"),
+            "the first one in the text"
+        );
         assert_eq!(p.completion_tokens, count_text(MODEL, "Echo: hi The"));
         let p = plan(&ask(json!({"stop": "brown"})), MODEL, 8).unwrap();
         assert_eq!(content(&p.choices[0]), "Echo: hi The quick ");

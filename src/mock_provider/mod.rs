@@ -3,7 +3,9 @@
 //! A small HTTP/1.1 server (keep-alive, `Content-Length` and chunked bodies, `Expect:
 //! 100-continue`) written directly on tokio so that every byte it sends is under test control:
 //! it can stall before the first byte, pace its chunks, fail with a status, reset the connection
-//! mid-stream or emit a malformed event. The wire formats live in one file per provider protocol.
+//! mid-stream or emit a malformed event. The wire formats live in one file per provider protocol:
+//! OpenAI's chat completions at `/v1/chat/completions` ([`openai`]) and Anthropic's Messages API
+//! at `/v1/messages` ([`anthropic`]), on the same port, so one `base_url` serves both.
 //!
 //! Behaviour comes from [`Behavior`]: the instance default, overridden per request by a `"mock"`
 //! object in the JSON body (the gateway forwards unknown fields untouched) or an
@@ -11,14 +13,18 @@
 //!
 //! The answer honours the request as OpenAI does (`n`, `stop`, `max_tokens`, `tools`,
 //! `response_format`, `logprobs`: see [`answer`]), so clients' features can be tested through
-//! the gateway, and every response carries OpenAI's `x-request-id` and `x-ratelimit-*` headers.
+//! the gateway, and every response carries its provider's request id and rate-limit headers
+//! (OpenAI's `x-request-id` and `x-ratelimit-*`, Anthropic's `request-id` and
+//! `anthropic-ratelimit-*`).
 
 pub mod answer;
+pub mod anthropic;
 pub mod openai;
 mod schema;
 
 use bytes::{Buf, BytesMut};
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,13 +43,17 @@ pub struct Behavior {
     pub chunk_delay_ms: u64,
     /// Content pieces in the answer (each one streamed chunk, each one token).
     pub chunks: usize,
-    /// Answer with this status and OpenAI's error body for it.
+    /// Answer with this status and the route's provider's error body for it.
     pub fail_status: Option<u16>,
     /// Reset the connection (TCP RST) after this many content chunks.
     pub reset_after: Option<usize>,
     /// Send a malformed event after this many content chunks.
     pub malformed_after: Option<usize>,
-    /// Leave usage out of the answer entirely (what some providers do).
+    /// Send the provider's in-stream error event (overloaded) after this many content chunks,
+    /// then end the stream cleanly, as a provider that fails after its 200 does.
+    pub stream_error_after: Option<usize>,
+    /// Leave usage out of the answer entirely (what some providers do). The Anthropic route
+    /// ignores it: Anthropic always sends usage.
     pub omit_usage: bool,
     /// Pretty-print JSON bodies and stream events (spaces after colons, one member a line; a
     /// streamed event's lines each get their own `data: `), as some providers send them.
@@ -59,6 +69,7 @@ impl Default for Behavior {
             fail_status: None,
             reset_after: None,
             malformed_after: None,
+            stream_error_after: None,
             omit_usage: false,
             pretty: false,
         }
@@ -68,7 +79,8 @@ impl Default for Behavior {
 /// Settings of one simulated provider instance.
 #[derive(Debug, Clone)]
 pub struct MockConfig {
-    /// If set, requests must carry `Authorization: Bearer <api_key>` or get OpenAI's 401.
+    /// If set, requests must carry it, or get their provider's 401: OpenAI's routes as
+    /// `Authorization: Bearer <api_key>`, Anthropic's as `x-api-key: <api_key>`.
     pub api_key: Option<String>,
     pub behavior: Behavior,
     /// What `GET /v1/models` lists.
@@ -118,6 +130,8 @@ struct State {
     recorded: Mutex<Vec<RecordedRequest>>,
     requests: AtomicU64,
     next_id: AtomicU64,
+    /// Anthropic's prompt cache: the keys of the prompt prefixes written so far.
+    prompt_cache: Mutex<HashSet<u64>>,
 }
 
 const RECORD_LIMIT: usize = 256;
@@ -140,6 +154,7 @@ impl MockProvider {
             recorded: Mutex::new(Vec::new()),
             requests: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
+            prompt_cache: Mutex::new(HashSet::new()),
         });
         let (stop, mut stopped) = tokio::sync::oneshot::channel();
         let accept_state = state.clone();
@@ -394,13 +409,22 @@ fn behavior_for(state: &State, head: &Head, body: &serde_json::Value) -> Result<
     Ok(b)
 }
 
-/// Requests and tokens a minute the simulated account may use (what `x-ratelimit-*` report).
+/// Requests and tokens a minute the simulated account may use (what the rate-limit headers
+/// report).
 const LIMIT_REQUESTS: u64 = 10_000;
 const LIMIT_TOKENS: u64 = 10_000_000;
 
-/// The headers OpenAI sends with every answer: the request's id, the time spent, and the rate
-/// limits left.
+/// Which provider's headers an answer carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    OpenAi,
+    Anthropic,
+}
+
+/// The headers a provider sends with every answer: the request's id, and the rate limits left.
+/// Each wire format spells them its own way (`openai::headers`, `anthropic::headers`).
 struct ReplyHeaders {
+    wire: Wire,
     request_id: String,
     started: Instant,
     /// This request's number on this instance (from 1). The remaining requests count down
@@ -411,11 +435,27 @@ struct ReplyHeaders {
     tokens: u64,
 }
 
+/// The rate limits after one answer, in no provider's spelling.
+struct Limits {
+    remaining_requests: u64,
+    remaining_tokens: u64,
+    /// Milliseconds until each limit is whole again at the per-minute refill rate.
+    reset_requests_ms: u64,
+    reset_tokens_ms: u64,
+    /// The answer is a 429: no requests left, and the client is told to retry in a second.
+    limited: bool,
+}
+
 impl ReplyHeaders {
-    fn new(number: u64) -> ReplyHeaders {
-        ReplyHeaders {
+    fn new(number: u64, wire: Wire) -> ReplyHeaders {
+        let request_id = match wire {
             // OpenAI's shape: `req_` and 32 hex digits.
-            request_id: format!("req_{:032x}", rand::random::<u128>()),
+            Wire::OpenAi => format!("req_{:032x}", rand::random::<u128>()),
+            Wire::Anthropic => anthropic::request_id(),
+        };
+        ReplyHeaders {
+            wire,
+            request_id,
             started: Instant::now(),
             number,
             tokens: 0,
@@ -425,38 +465,21 @@ impl ReplyHeaders {
     /// The header lines (each ending in CRLF) for an answer with `status`.
     fn render(&self, status: u16) -> String {
         let limited = status == 429;
-        let remaining_requests = if limited {
-            0
-        } else {
-            LIMIT_REQUESTS - 1 - (self.number.saturating_sub(1) % LIMIT_REQUESTS)
+        let limits = Limits {
+            remaining_requests: if limited {
+                0
+            } else {
+                LIMIT_REQUESTS - 1 - (self.number.saturating_sub(1) % LIMIT_REQUESTS)
+            },
+            remaining_tokens: LIMIT_TOKENS.saturating_sub(self.tokens),
+            reset_requests_ms: if limited { 1_000 } else { 60_000 / LIMIT_REQUESTS },
+            reset_tokens_ms: (self.tokens * 60_000).div_ceil(LIMIT_TOKENS),
+            limited,
         };
-        let remaining_tokens = LIMIT_TOKENS.saturating_sub(self.tokens);
-        // The time until the limits are whole again at the per-minute refill rate.
-        let reset_requests = if limited { 1_000 } else { 60_000 / LIMIT_REQUESTS };
-        let reset_tokens = (self.tokens * 60_000).div_ceil(LIMIT_TOKENS);
-        let mut out = format!(
-            "x-request-id: {}\r\nopenai-processing-ms: {}\r\n\
-             x-ratelimit-limit-requests: {LIMIT_REQUESTS}\r\nx-ratelimit-limit-tokens: {LIMIT_TOKENS}\r\n\
-             x-ratelimit-remaining-requests: {remaining_requests}\r\nx-ratelimit-remaining-tokens: {remaining_tokens}\r\n\
-             x-ratelimit-reset-requests: {}\r\nx-ratelimit-reset-tokens: {}\r\n",
-            self.request_id,
-            self.started.elapsed().as_millis(),
-            duration_text(reset_requests),
-            duration_text(reset_tokens),
-        );
-        if limited {
-            out.push_str("retry-after: 1\r\nretry-after-ms: 1000\r\n");
+        match self.wire {
+            Wire::OpenAi => openai::headers(&self.request_id, self.started.elapsed().as_millis(), &limits),
+            Wire::Anthropic => anthropic::headers(&self.request_id, &limits),
         }
-        out
-    }
-}
-
-/// A duration as OpenAI writes it in `x-ratelimit-reset-*`: `6ms`, `1s`, `1.5s`.
-fn duration_text(ms: u64) -> String {
-    if ms < 1_000 {
-        format!("{ms}ms")
-    } else {
-        format!("{}s", ms as f64 / 1_000.0)
     }
 }
 
@@ -485,19 +508,28 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
+        402 => "Payment Required",
+        403 => "Forbidden",
         404 => "Not Found",
+        413 => "Payload Too Large",
         429 => "Too Many Requests",
         500 => "Internal Server Error",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        529 => "Overloaded",
         _ => "Status",
     }
 }
 
 async fn respond(stream: &mut TcpStream, state: &State, head: &Head, body: &[u8]) -> io::Result<Keep> {
     let n = state.next_id.fetch_add(1, Ordering::Relaxed);
-    let headers = ReplyHeaders::new(n);
     let path = head.path.split('?').next().unwrap_or("");
+    // Anthropic's route checks its own key header and answers in its own shapes.
+    if head.method == "POST" && matches!(path, "/v1/messages" | "/messages") {
+        return anthropic::messages(stream, state, head, body, ReplyHeaders::new(n, Wire::Anthropic)).await;
+    }
+    let headers = ReplyHeaders::new(n, Wire::OpenAi);
     // Until a chat request's body is read, only the instance default and the header apply.
     let pretty = behavior_for(state, head, &serde_json::Value::Null).map_or(state.config.behavior.pretty, |b| b.pretty);
     if let Some(key) = &state.config.api_key {
@@ -587,20 +619,54 @@ async fn chat_completion(
     }
 
     let include_usage = request["stream_options"]["include_usage"].as_bool().unwrap_or(false) && !behavior.omit_usage;
+    let events = completion.events(include_usage);
+    write_events(stream, &headers, &events, &behavior, &openai::FAULTS).await
+}
+
+/// One SSE event of a streamed answer.
+pub struct Event {
+    pub bytes: Vec<u8>,
+    /// It carries a piece of the output (content or tool-call arguments): the faults count these.
+    pub content: bool,
+}
+
+/// What a wire format sends for the stream faults.
+struct Faults {
+    /// An event cut off mid-JSON (`malformed_after`).
+    malformed: &'static [u8],
+    /// The provider's in-stream error (`stream_error_after`).
+    error: &'static [u8],
+}
+
+/// Stream `events` in a chunked 200, paced and broken as `behavior` says.
+async fn write_events(
+    stream: &mut TcpStream,
+    headers: &ReplyHeaders,
+    events: &[Event],
+    behavior: &Behavior,
+    faults: &Faults,
+) -> io::Result<Keep> {
     let head = format!(
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\ncache-control: no-cache\r\n{}\r\n",
         headers.render(200)
     );
     stream.write_all(head.as_bytes()).await?;
     let mut content_sent = 0;
-    for (i, event) in completion.events(include_usage).iter().enumerate() {
+    let mut malformed_sent = false;
+    for (i, event) in events.iter().enumerate() {
         // Faults come between events, once `content_sent` pieces of output have gone out.
         if i > 0 && behavior.reset_after == Some(content_sent) {
             stream.set_zero_linger()?;
             return Ok(Keep::Closed);
         }
-        if i > 0 && behavior.malformed_after == Some(content_sent) {
-            write_chunk(stream, b"data: {\"id\": \"chatcmpl-broken\", \"choices\": [\n\n").await?;
+        // Once: several events without content (a stream's head or tail) can follow one count.
+        if i > 0 && !malformed_sent && behavior.malformed_after == Some(content_sent) {
+            write_chunk(stream, faults.malformed).await?;
+            malformed_sent = true;
+        }
+        if i > 0 && behavior.stream_error_after == Some(content_sent) {
+            write_chunk(stream, faults.error).await?;
+            break;
         }
         if i > 0 && behavior.chunk_delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(behavior.chunk_delay_ms)).await;

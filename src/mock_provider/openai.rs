@@ -6,6 +6,7 @@
 //! `"usage":null` and one extra chunk with empty `choices` carries the usage; `data: [DONE]` ends.
 
 use super::answer::{token_bytes, Choice, Output};
+use super::{Event, Faults, Limits, LIMIT_REQUESTS, LIMIT_TOKENS};
 use serde_json::{json, Value};
 
 /// One completion being produced.
@@ -20,13 +21,6 @@ pub struct Completion<'a> {
     pub logprobs: Option<usize>,
     /// Pretty-print bodies and events (multi-line `data:`), as some providers do.
     pub pretty: bool,
-}
-
-/// One SSE event of a streamed answer.
-pub struct Event {
-    pub bytes: Vec<u8>,
-    /// It carries a piece of a choice's output (content or tool-call arguments).
-    pub content: bool,
 }
 
 const FINGERPRINT: &str = "fp_k0m1l10n";
@@ -228,7 +222,7 @@ impl Completion<'_> {
     }
 }
 
-fn to_json(v: &Value, pretty: bool) -> Vec<u8> {
+pub(super) fn to_json(v: &Value, pretty: bool) -> Vec<u8> {
     let out = if pretty {
         serde_json::to_vec_pretty(v)
     } else {
@@ -239,7 +233,7 @@ fn to_json(v: &Value, pretty: bool) -> Vec<u8> {
 
 /// An SSE event carrying `v`; pretty JSON spans lines, and each line gets its own `data: `, as
 /// the SSE spec requires (a client joins them with newlines).
-fn sse_data(v: &Value, pretty: bool) -> Vec<u8> {
+pub(super) fn sse_data(v: &Value, pretty: bool) -> Vec<u8> {
     let json = to_json(v, pretty);
     let mut out = Vec::with_capacity(json.len() + 16);
     for line in json.split(|&b| b == b'\n') {
@@ -249,6 +243,41 @@ fn sse_data(v: &Value, pretty: bool) -> Vec<u8> {
     }
     out.push(b'\n');
     out
+}
+
+/// The stream faults as OpenAI would send them: a chunk cut off mid-JSON, and the error object
+/// it sends in the stream when it fails after its 200.
+pub(super) const FAULTS: Faults = Faults {
+    malformed: b"data: {\"id\": \"chatcmpl-broken\", \"choices\": [\n\n",
+    error: b"data: {\"error\":{\"message\":\"Overloaded\",\"type\":\"server_error\",\"code\":null}}\n\n",
+};
+
+/// The headers OpenAI sends with every answer: the request's id, the time spent, and the rate
+/// limits left (and when to retry, on a 429).
+pub(super) fn headers(request_id: &str, processing_ms: u128, limits: &Limits) -> String {
+    let mut out = format!(
+        "x-request-id: {request_id}\r\nopenai-processing-ms: {processing_ms}\r\n\
+         x-ratelimit-limit-requests: {LIMIT_REQUESTS}\r\nx-ratelimit-limit-tokens: {LIMIT_TOKENS}\r\n\
+         x-ratelimit-remaining-requests: {}\r\nx-ratelimit-remaining-tokens: {}\r\n\
+         x-ratelimit-reset-requests: {}\r\nx-ratelimit-reset-tokens: {}\r\n",
+        limits.remaining_requests,
+        limits.remaining_tokens,
+        duration_text(limits.reset_requests_ms),
+        duration_text(limits.reset_tokens_ms),
+    );
+    if limits.limited {
+        out.push_str("retry-after: 1\r\nretry-after-ms: 1000\r\n");
+    }
+    out
+}
+
+/// A duration as OpenAI writes it in `x-ratelimit-reset-*`: `6ms`, `1s`, `1.5s`.
+fn duration_text(ms: u64) -> String {
+    if ms < 1_000 {
+        format!("{ms}ms")
+    } else {
+        format!("{}s", ms as f64 / 1_000.0)
+    }
 }
 
 /// An error body as OpenAI sends it for this status.
@@ -312,6 +341,7 @@ mod tests {
         Choice {
             output: Output::Text(pieces.iter().map(|p| p.to_string()).collect()),
             finish_reason: "stop",
+            stop: None,
         }
     }
 
@@ -421,6 +451,7 @@ mod tests {
                 arguments: vec!["{\"".into(), "city".into(), "\":\"Paris\"}".into()],
             },
             finish_reason: "tool_calls",
+            stop: None,
         }];
         let c = completion(&choices);
         let events = c.events(false);
