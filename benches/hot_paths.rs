@@ -212,9 +212,8 @@ fn metering(c: &mut Criterion) {
     let spool = UsageSpool::open(dir.path(), komilion::usage::spool::SpoolMode::Exclusive).unwrap();
     let small = with_usage(10);
     let price = komilion::catalog::ModelPrice {
-        input: 150_000_000,
-        output: 600_000_000,
         cached_input: 75_000_000,
+        ..komilion::catalog::ModelPrice::flat(150_000_000, 600_000_000)
     };
     c.bench_function("metering: per request (11-event stream, cost, spool append)", |b| {
         b.iter(|| {

@@ -36,6 +36,13 @@ pub struct CatalogEntry {
     /// USD per million cached input tokens; the input price when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cached_input_per_mtok: Option<String>,
+    /// USD per million input tokens written to the provider's prompt cache (five-minute
+    /// lifetime); the input price when absent (providers that bill no writes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_input_per_mtok: Option<String>,
+    /// The same for a one-hour lifetime; the five-minute write price when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_1h_input_per_mtok: Option<String>,
     pub context_window: u64,
     pub max_output_tokens: u64,
     /// `tools`, `vision`, `json_mode`, `reasoning`.
@@ -52,12 +59,45 @@ pub struct ModelPrice {
     pub input: NanoUsd,
     pub output: NanoUsd,
     pub cached_input: NanoUsd,
+    /// Input written to the provider's prompt cache, five-minute lifetime.
+    pub cache_write_input: NanoUsd,
+    /// Input written to the provider's prompt cache, one-hour lifetime.
+    pub cache_write_1h_input: NanoUsd,
+}
+
+/// A price as the catalog and the config write it: decimal USD per million tokens.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PriceText<'a> {
+    pub input: &'a str,
+    pub output: &'a str,
+    pub cached_input: Option<&'a str>,
+    pub cache_write_input: Option<&'a str>,
+    pub cache_write_1h_input: Option<&'a str>,
 }
 
 impl ModelPrice {
-    /// Prices from decimal USD-per-million-token strings; the cached input price defaults to the
-    /// input price. Every bad field is reported.
-    pub fn parse(input: &str, output: &str, cached_input: Option<&str>) -> Result<ModelPrice, Vec<ConfigIssue>> {
+    /// A price that bills every input token alike (no cache discount or surcharge).
+    pub fn flat(input: NanoUsd, output: NanoUsd) -> ModelPrice {
+        ModelPrice {
+            input,
+            output,
+            cached_input: input,
+            cache_write_input: input,
+            cache_write_1h_input: input,
+        }
+    }
+
+    /// Prices from decimal USD-per-million-token strings; the cached input and cache write
+    /// prices default to the input price, the one-hour write price to the five-minute one.
+    /// Every bad field is reported.
+    pub fn parse(text: PriceText<'_>) -> Result<ModelPrice, Vec<ConfigIssue>> {
+        let PriceText {
+            input,
+            output,
+            cached_input,
+            cache_write_input,
+            cache_write_1h_input,
+        } = text;
         let mut issues = Vec::new();
         let mut price = |field: &str, text: &str| {
             parse_usd_per_mtok(text).unwrap_or_else(|err| {
@@ -68,11 +108,16 @@ impl ModelPrice {
         let input = price("input_per_mtok", input);
         let output = price("output_per_mtok", output);
         let cached_input = cached_input.map_or(input, |t| price("cached_input_per_mtok", t));
+        let cache_write_input = cache_write_input.map_or(input, |t| price("cache_write_input_per_mtok", t));
+        let cache_write_1h_input =
+            cache_write_1h_input.map_or(cache_write_input, |t| price("cache_write_1h_input_per_mtok", t));
         if issues.is_empty() {
             Ok(ModelPrice {
                 input,
                 output,
                 cached_input,
+                cache_write_input,
+                cache_write_1h_input,
             })
         } else {
             Err(issues)
@@ -121,11 +166,13 @@ impl Catalog {
         let mut catalog = Catalog::default();
         for (i, e) in file.models.into_iter().enumerate() {
             let at = format!("models[{i}]");
-            let price = ModelPrice::parse(
-                &e.input_per_mtok,
-                &e.output_per_mtok,
-                e.cached_input_per_mtok.as_deref(),
-            )
+            let price = ModelPrice::parse(PriceText {
+                input: &e.input_per_mtok,
+                output: &e.output_per_mtok,
+                cached_input: e.cached_input_per_mtok.as_deref(),
+                cache_write_input: e.cache_write_input_per_mtok.as_deref(),
+                cache_write_1h_input: e.cache_write_1h_input_per_mtok.as_deref(),
+            })
             .unwrap_or_else(|found| {
                 issues.extend(found.into_iter().map(|i| i.under(&at)));
                 ModelPrice::default()
@@ -212,6 +259,12 @@ pub fn import_litellm(catalog: &mut CatalogFile, litellm_json: &str) -> Result<V
         if let Some(v) = per_mtok("cache_read_input_token_cost")? {
             entry.cached_input_per_mtok = Some(v);
         }
+        if let Some(v) = per_mtok("cache_creation_input_token_cost")? {
+            entry.cache_write_input_per_mtok = Some(v);
+        }
+        if let Some(v) = per_mtok("cache_creation_input_token_cost_above_1hr")? {
+            entry.cache_write_1h_input_per_mtok = Some(v);
+        }
         if let Some(v) = int("max_input_tokens") {
             entry.context_window = v;
         }
@@ -246,9 +299,8 @@ mod tests {
         assert_eq!(
             mini.price,
             ModelPrice {
-                input: 150_000_000,
-                output: 600_000_000,
-                cached_input: 75_000_000
+                cached_input: 75_000_000,
+                ..ModelPrice::flat(150_000_000, 600_000_000)
             }
         );
         assert!(mini.context_window >= 128_000);
@@ -264,6 +316,8 @@ mod tests {
                 input_per_mtok: "0".into(),
                 output_per_mtok: "0".into(),
                 cached_input_per_mtok: None,
+                cache_write_input_per_mtok: None,
+                cache_write_1h_input_per_mtok: None,
                 context_window: 0,
                 max_output_tokens: 0,
                 capabilities: vec![],
@@ -271,13 +325,15 @@ mod tests {
             }],
         };
         let json = r#"{"openai/m": {"input_cost_per_token": 1.1e-06, "output_cost_per_token": 4.4e-06,
-            "cache_read_input_token_cost": 2.75e-07, "max_input_tokens": 200000, "max_output_tokens": 100000,
+            "cache_read_input_token_cost": 2.75e-07, "cache_creation_input_token_cost": 1.375e-06, "max_input_tokens": 200000, "max_output_tokens": 100000,
             "supports_function_calling": true, "supports_vision": false}, "other": {}}"#;
         let missing = import_litellm(&mut file, json).unwrap();
         assert!(missing.is_empty());
         let e = &file.models[0];
         assert_eq!((e.input_per_mtok.as_str(), e.output_per_mtok.as_str()), ("1.1", "4.4"));
         assert_eq!(e.cached_input_per_mtok.as_deref(), Some("0.275"));
+        assert_eq!(e.cache_write_input_per_mtok.as_deref(), Some("1.375"));
+        assert_eq!(e.cache_write_1h_input_per_mtok, None);
         assert_eq!((e.context_window, e.max_output_tokens), (200_000, 100_000));
         assert_eq!(e.capabilities, ["tools"]);
     }

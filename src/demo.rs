@@ -61,20 +61,27 @@ fn random_hex(bytes: usize) -> String {
     (0..bytes).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
 }
 
-/// The OpenAI models of the catalog: the ones the simulated OpenAI provider serves.
-fn demo_models(catalog: &Catalog) -> Vec<String> {
+/// The catalog's models of one provider family: the simulated provider serves them in that
+/// family's format.
+fn demo_models(catalog: &Catalog, provider: &str) -> Vec<String> {
     catalog
         .models()
         .iter()
-        .filter(|m| m.provider == "openai")
+        .filter(|m| m.provider == provider)
         .map(|m| m.id.clone())
         .collect()
+}
+
+fn yaml_list(models: &[String]) -> String {
+    models.iter().map(|m| format!("\"{m}\"")).collect::<Vec<_>>().join(", ")
 }
 
 /// Run the demo until the process is stopped.
 pub fn run(options: DemoOptions) -> Result<(), DemoError> {
     let catalog = Catalog::embedded();
-    let models = demo_models(&catalog);
+    let openai_models = demo_models(&catalog, "openai");
+    let anthropic_models = demo_models(&catalog, "anthropic");
+    let models: Vec<String> = openai_models.iter().chain(&anthropic_models).cloned().collect();
     let provider_key = format!("sk-sim-{}", random_hex(16));
     let mock = MockProvider::start_in_thread(
         MockConfig {
@@ -98,7 +105,6 @@ pub fn run(options: DemoOptions) -> Result<(), DemoError> {
     let _ = std::fs::remove_dir_all(&data_dir);
     let store_url = format!("sqlite://{}", data_dir.join("komilion.db").display());
     let (account_id, demo_key) = prepare_store(&store_url)?;
-    let model_list = models.iter().map(|m| format!("\"{m}\"")).collect::<Vec<_>>().join(", ");
     let yaml = format!(
         r#"
 server:
@@ -115,7 +121,12 @@ providers:
     kind: openai
     base_url: {base}
     api_key: {provider_key}
-    models: [{model_list}]
+    models: [{openai_list}]
+  - name: anthropic
+    kind: anthropic
+    base_url: {base}
+    api_key: {provider_key}
+    models: [{anthropic_list}]
 store: "{store_url}"
 admin:
   listen: "127.0.0.1:{admin_port}"
@@ -128,6 +139,8 @@ plugins:
   - name: rate_limit
 "#,
         base = mock.base_url(),
+        openai_list = yaml_list(&openai_models),
+        anthropic_list = yaml_list(&anthropic_models),
         spool_dir = data_dir.join("spool").display()
     );
     let config = Config::from_yaml(&yaml, &|_| None)?;
@@ -256,14 +269,14 @@ fn instructions(
     let mut prices = String::new();
     for m in models.iter().filter_map(|m| catalog.get(m)) {
         prices.push_str(&format!(
-            "    {:<14} ${} in / ${} out per 1M tokens\n",
+            "    {:<18} ${} in / ${} out per 1M tokens\n",
             m.id,
             Usd(m.price.input),
             Usd(m.price.output)
         ));
     }
     format!(
-        r#"Komilion demo is ready: the gateway in front of a simulated OpenAI provider (no network needed).
+        r#"Komilion demo is ready: the gateway in front of simulated OpenAI and Anthropic providers (no network needed).
 
   base_url  {base_url}
   api_key   {key}   (account {account_id}, $10 in its wallet)
@@ -289,11 +302,21 @@ Or with the official Python SDK (pip install openai):
           model="gpt-4o-mini", stream=True, messages=[{{"role": "user", "content": "Stream, please"}}]):
       print(chunk.choices[0].delta.content or "", end="", flush=True)
 
+Any model through either API: Claude through OpenAI's SDK above (model="claude-sonnet-4-5"),
+or any model through Anthropic's SDK (pip install anthropic):
+
+  import anthropic
+  client = anthropic.Anthropic(base_url="{root_url}", api_key="{key}")
+  message = client.messages.create(model="claude-sonnet-4-5", max_tokens=200,
+      messages=[{{"role": "user", "content": "Hello!"}}])
+  print(message.content[0].text)
+
 The admin API (accounts, keys, wallets):
 
   curl {admin_url}/accounts/{account_id}/wallet -H "Authorization: Bearer {admin_token}"
 
 Press Ctrl-C to stop.
-"#
+"#,
+        root_url = base_url.trim_end_matches("/v1"),
     )
 }

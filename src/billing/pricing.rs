@@ -123,11 +123,7 @@ providers:
         );
         assert_eq!(
             p.price("openai", "gpt-4o-mini"),
-            Some(ModelPrice {
-                input: 1_000_000_000,
-                output: 2_000_000_000,
-                cached_input: 1_000_000_000
-            })
+            Some(ModelPrice::flat(1_000_000_000, 2_000_000_000))
         );
         let catalog_price = p.catalog().get("gpt-4o-mini").unwrap().price;
         assert_eq!(p.price("other", "gpt-4o-mini"), Some(catalog_price));

@@ -286,6 +286,12 @@ pub struct PriceSection {
     /// The input price when absent.
     #[serde(default)]
     pub cached_input_per_mtok: Option<String>,
+    /// Input written to the provider's prompt cache; the input price when absent.
+    #[serde(default)]
+    pub cache_write_input_per_mtok: Option<String>,
+    /// The same with a one-hour lifetime; the five-minute write price when absent.
+    #[serde(default)]
+    pub cache_write_1h_input_per_mtok: Option<String>,
 }
 
 /// What a provider does with models it has no price for.

@@ -335,11 +335,11 @@ fn validate_provider(p: ProviderSection, at: &str, issues: &mut Vec<ConfigIssue>
             "must be non-empty and contain no `/`",
         ));
     }
-    if p.kind != ProviderKind::Openai {
+    if !matches!(p.kind, ProviderKind::Openai | ProviderKind::Anthropic) {
         issues.push(ConfigIssue::new(
             format!("{at}.kind"),
             format!(
-                "provider kind `{}` is not supported yet (supported: openai)",
+                "provider kind `{}` is not supported yet (supported: openai, anthropic)",
                 p.kind.as_str()
             ),
         ));
@@ -390,11 +390,13 @@ fn validate_provider(p: ProviderSection, at: &str, issues: &mut Vec<ConfigIssue>
     let mut prices = std::collections::HashMap::new();
     for (model, price) in &p.prices {
         let at = format!("{at}.prices.{model}");
-        match crate::catalog::ModelPrice::parse(
-            &price.input_per_mtok,
-            &price.output_per_mtok,
-            price.cached_input_per_mtok.as_deref(),
-        ) {
+        match crate::catalog::ModelPrice::parse(crate::catalog::PriceText {
+            input: &price.input_per_mtok,
+            output: &price.output_per_mtok,
+            cached_input: price.cached_input_per_mtok.as_deref(),
+            cache_write_input: price.cache_write_input_per_mtok.as_deref(),
+            cache_write_1h_input: price.cache_write_1h_input_per_mtok.as_deref(),
+        }) {
             Ok(parsed) => {
                 prices.insert(model.clone(), parsed);
             }

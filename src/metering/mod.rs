@@ -50,7 +50,7 @@ impl From<OpenAiUsage> for Usage {
                 .completion_tokens_details
                 .and_then(|d| d.reasoning_tokens)
                 .unwrap_or(0),
-            estimated: false,
+            ..Usage::default()
         }
     }
 }
@@ -65,13 +65,18 @@ pub fn usage_from_body(body: &[u8]) -> Option<Usage> {
     answer.usage.map(Usage::from)
 }
 
-/// What `usage` costs at `price`. Cached input tokens are billed at the cached price, the rest
-/// of the input at the input price, all output (reasoning included) at the output price; each
-/// part is rounded up to the nano-dollar.
+/// What `usage` costs at `price`, as providers bill it: input read from the prompt cache at
+/// the cached price, input written to it at the write price of its lifetime, the rest of the
+/// input at the input price, all output (reasoning included) at the output price; each part is
+/// rounded up to the nano-dollar.
 pub fn cost(price: &ModelPrice, usage: &Usage) -> NanoUsd {
     let cached = usage.cached_input_tokens.min(usage.input_tokens);
-    token_cost(usage.input_tokens - cached, price.input)
+    let written = usage.cache_write_input_tokens.min(usage.input_tokens - cached);
+    let written_1h = usage.cache_write_1h_input_tokens.min(written);
+    token_cost(usage.input_tokens - cached - written, price.input)
         + token_cost(cached, price.cached_input)
+        + token_cost(written - written_1h, price.cache_write_input)
+        + token_cost(written_1h, price.cache_write_1h_input)
         + token_cost(usage.output_tokens, price.output)
 }
 
@@ -106,9 +111,8 @@ mod tests {
     fn costs_split_cached_input() {
         // gpt-4o-mini: $0.15 in, $0.075 cached, $0.60 out per 1M tokens.
         let price = ModelPrice {
-            input: 150_000_000,
-            output: 600_000_000,
             cached_input: 75_000_000,
+            ..ModelPrice::flat(150_000_000, 600_000_000)
         };
         let usage = Usage {
             input_tokens: 1000,
@@ -118,5 +122,41 @@ mod tests {
         };
         // 600 × 150 + 400 × 75 + 100 × 600 nano-USD.
         assert_eq!(cost(&price, &usage), 90_000 + 30_000 + 60_000);
+    }
+
+    #[test]
+    fn cache_writes_are_billed_at_their_lifetimes_price() {
+        // claude-sonnet-4-5: $3 in, $0.30 cache read, $3.75 5-minute write, $6 1-hour write,
+        // $15 out per 1M tokens.
+        let price = ModelPrice {
+            input: 3_000_000_000,
+            output: 15_000_000_000,
+            cached_input: 300_000_000,
+            cache_write_input: 3_750_000_000,
+            cache_write_1h_input: 6_000_000_000,
+        };
+        // Anthropic's usage {input_tokens: 100, cache_read_input_tokens: 2000,
+        // cache_creation_input_tokens: 1500 (500 of them 1h), output_tokens: 50}.
+        let usage = Usage {
+            input_tokens: 100 + 2000 + 1500,
+            cached_input_tokens: 2000,
+            cache_write_input_tokens: 1500,
+            cache_write_1h_input_tokens: 500,
+            output_tokens: 50,
+            ..Default::default()
+        };
+        assert_eq!(
+            cost(&price, &usage),
+            100 * 3_000 + 2000 * 300 + 1000 * 3_750 + 500 * 6_000 + 50 * 15_000
+        );
+        // Counts that do not add up never bill a token twice or below zero.
+        let odd = Usage {
+            input_tokens: 10,
+            cached_input_tokens: 8,
+            cache_write_input_tokens: 8,
+            cache_write_1h_input_tokens: 9,
+            ..Default::default()
+        };
+        assert_eq!(cost(&price, &odd), 8 * 300 + 2 * 6_000);
     }
 }

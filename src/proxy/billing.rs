@@ -145,7 +145,7 @@ impl Gateway {
             return;
         }
         ctx.recorded = true;
-        if ctx.route != super::Route::ChatCompletions {
+        if !ctx.route.is_metered() {
             return;
         }
         let ex = &ctx.exchange;

@@ -12,6 +12,7 @@ use super::{Gateway, RequestCtx};
 use crate::metering::tokens::{count_chat_prompt, count_text};
 use crate::metering::usage_from_body;
 use crate::metrics::METRICS;
+use crate::providers::translate::StreamTranslator;
 use crate::upstream::Upstream;
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
@@ -110,8 +111,16 @@ fn provider_headers(header: &pingora::http::ResponseHeader) -> ProviderHeaders {
     header
         .headers
         .iter()
-        .filter(|(name, _)| passed_to_client(name.as_str()))
-        .map(|(name, value)| (name.clone(), value.clone()))
+        .filter_map(|(name, value)| {
+            if passed_to_client(name.as_str()) {
+                Some((name.clone(), value.clone()))
+            } else if name.as_str() == "request-id" && !header.headers.contains_key("x-request-id") {
+                // Anthropic's name for it; OpenAI's SDKs read `x-request-id`.
+                Some((http::HeaderName::from_static("x-request-id"), value.clone()))
+            } else {
+                None
+            }
+        })
         .collect()
 }
 
@@ -164,6 +173,8 @@ impl Gateway {
         plan: &RoutePlan,
     ) -> Result<(), LocalResponse> {
         let mut last_error = None;
+        // The request in no provider's format, decoded once if a candidate needs it.
+        let mut canonical = None;
         let total = plan.candidates.len();
         for (i, candidate) in plan.candidates.iter().enumerate() {
             let is_last = i + 1 == total;
@@ -177,15 +188,17 @@ impl Gateway {
             if self.chain.on_attempt(candidate, &mut ctx.exchange).await == AttemptDecision::Skip {
                 continue;
             }
+            let body = match upstream_body(upstream, chat, &candidate.model, &mut canonical) {
+                Ok(body) => body,
+                Err(e) => {
+                    // What this provider's format cannot express; another candidate may.
+                    last_error = Some(e);
+                    continue;
+                }
+            };
             ctx.exchange.attempts += 1;
             ctx.exchange.provider = Some(candidate.provider.clone());
             ctx.exchange.routed_model = Some(candidate.model.clone());
-            chat.set_upstream_model(&candidate.model);
-            // Usage comes from the provider's own figures: ask for the stream's usage chunk
-            // (the relay removes it again if the client did not ask), unless this provider
-            // refuses the field.
-            chat.request_upstream_usage(upstream.config.stream_usage);
-            let body = chat.upstream_body();
             let mut answer = match self
                 .attempt(upstream, chat.stream, body, &mut ctx.exchange.timing)
                 .await
@@ -209,7 +222,13 @@ impl Gateway {
                 Answer::Stream(_) => 200,
             };
             self.chain.on_upstream_status(candidate, status, &mut ctx.exchange);
-            if let Answer::Whole { body, .. } = &mut answer {
+            if let Answer::Whole {
+                body,
+                status: client_status,
+                content_type,
+                ..
+            } = &mut answer
+            {
                 if !(200..300).contains(&status) {
                     // An error body may quote a credential: masked once, for the client and for
                     // the log (a successful answer is relayed byte for byte). Loud for what an
@@ -220,6 +239,25 @@ impl Gateway {
                         tracing::warn!(provider = upstream.name(), request_id = %ctx.exchange.request_id, status, "the provider answered an error: {masked}");
                     } else {
                         tracing::debug!(provider = upstream.name(), request_id = %ctx.exchange.request_id, status, "the provider answered an error: {masked}");
+                    }
+                }
+                if let Some(adapter) = &upstream.adapter {
+                    // Another format's answer: the client gets its own surface's.
+                    match translate_whole(adapter.as_ref(), status, body, &candidate.model, ctx.exchange.surface) {
+                        Ok((translated, usage)) => {
+                            *client_status = translated.0;
+                            *body = translated.1;
+                            *content_type = "application/json".to_owned();
+                            if let Some(usage) = usage {
+                                ctx.exchange.usage = usage;
+                            }
+                        }
+                        Err(why) => {
+                            let error = invalid_answer(upstream, &ctx.exchange.request_id, &why);
+                            *client_status = error.status();
+                            *body = Bytes::from(error.render(ctx.exchange.surface));
+                            *content_type = "application/json".to_owned();
+                        }
                     }
                 }
             }
@@ -253,10 +291,19 @@ impl Gateway {
                     headers,
                 } => {
                     ctx.provider_headers = headers;
-                    if (200..300).contains(&status) {
+                    if (200..300).contains(&status) && upstream.adapter.is_none() {
                         ctx.exchange.usage =
                             usage_from_body(&body).unwrap_or_else(|| estimate_whole(chat, &candidate.model, &body));
+                    } else if (200..300).contains(&status) && ctx.exchange.usage == Usage::default() {
+                        ctx.exchange.usage = estimate_whole(chat, &candidate.model, &body);
                     }
+                    let (status, content_type, body) = match ctx.exchange.surface {
+                        Surface::OpenAi => (status, content_type, body),
+                        Surface::Anthropic => {
+                            let (status, body) = as_messages_answer(upstream, status, body, &candidate.model, ctx);
+                            (status, "application/json".to_owned(), body)
+                        }
+                    };
                     // `send_body` spools the record before the client can see the answer end.
                     self.send_body(session, ctx, status, &content_type, body).await;
                 }
@@ -421,6 +468,15 @@ impl Gateway {
             self.stream_limits,
             self.upstreams.scrubber.clone(),
         );
+        if let Some(adapter) = &upstream.adapter {
+            relay = relay.translating(StreamTranslator::new(
+                adapter.as_ref(),
+                &model,
+                unix_now(),
+                self.stream_limits.max_event_bytes,
+            ));
+        }
+        relay = relay.for_surface(ctx.exchange.surface, &model);
         // Events that arrived together leave together: a provider sends each event as its own
         // HTTP chunk, and writing them one by one would cost the client a wake-up per event.
         let mut outbox = Outbox::default();
@@ -434,7 +490,7 @@ impl Gateway {
                 if let Some(why) = fed.broken {
                     // Never relay what the client's SDK cannot parse: end its stream cleanly
                     // with an error, bill what was delivered, and drop the upstream connection.
-                    let error = invalid_stream(upstream, &ctx.exchange.request_id, &why);
+                    let error = invalid_answer(upstream, &ctx.exchange.request_id, &why);
                     ctx.exchange.usage = stream_usage(&mut relay, chat, &model);
                     self.finish_usage(ctx, 200);
                     outbox.push(stream_error_event(&error, ctx.exchange.surface));
@@ -481,7 +537,7 @@ impl Gateway {
                         outbox.push(out);
                     }
                     if let Some(why) = fed.broken {
-                        let error = invalid_stream(upstream, &ctx.exchange.request_id, &why);
+                        let error = invalid_answer(upstream, &ctx.exchange.request_id, &why);
                         outbox.push(stream_error_event(&error, ctx.exchange.surface));
                     }
                     ctx.exchange.usage = stream_usage(&mut relay, chat, &model);
@@ -568,9 +624,9 @@ impl Outbox {
     }
 }
 
-/// A provider's stream that cannot go on (an event that is not valid, or over the size cap):
-/// counted and logged, and the error its client's stream ends with.
-fn invalid_stream(upstream: &Upstream, request_id: &str, why: &str) -> ApiError {
+/// A provider's answer that cannot be relayed (a body or stream event that is not valid, an
+/// event over the size cap): counted and logged, and the error the client gets instead.
+fn invalid_answer(upstream: &Upstream, request_id: &str, why: &str) -> ApiError {
     METRICS
         .upstream_errors
         .with_label_values(&[upstream.name(), "bad_response"])
@@ -578,14 +634,14 @@ fn invalid_stream(upstream: &Upstream, request_id: &str, why: &str) -> ApiError 
     tracing::warn!(provider = upstream.name(), request_id, "stream ended: {why}");
     ApiError::new(
         ErrorKind::BadGateway,
-        format!("The provider `{}` sent an invalid stream: {why}.", upstream.name()),
+        format!("The provider `{}` sent an invalid answer: {why}.", upstream.name()),
     )
     .with_code("bad_upstream_response")
 }
 
 /// A stream's usage: the provider's, or counted from what was delivered.
 fn stream_usage(relay: &mut StreamRelay, chat: &ChatRequest, model: &str) -> Usage {
-    match relay.meter.usage {
+    match relay.provider_usage() {
         Some(usage) => usage,
         None => Usage {
             input_tokens: count_chat_prompt(model, &chat.messages),
@@ -594,6 +650,84 @@ fn stream_usage(relay: &mut StreamRelay, chat: &ChatRequest, model: &str) -> Usa
             ..Usage::default()
         },
     }
+}
+
+/// The body for one attempt: the client's own, spliced, for an OpenAI-compatible provider;
+/// otherwise the canonical request (decoded on first need) in the provider's format.
+fn upstream_body(
+    upstream: &Upstream,
+    chat: &mut ChatRequest,
+    model: &str,
+    canonical: &mut Option<crate::formats::canonical::Request>,
+) -> Result<Bytes, ApiError> {
+    let Some(adapter) = &upstream.adapter else {
+        chat.set_upstream_model(model);
+        // Usage comes from the provider's own figures: ask for the stream's usage chunk
+        // (the relay removes it again if the client did not ask), unless this provider
+        // refuses the field.
+        chat.request_upstream_usage(upstream.config.stream_usage);
+        return Ok(chat.upstream_body());
+    };
+    if canonical.is_none() {
+        // Plugins may have rewritten fields: decode what would go upstream, not the original.
+        *canonical = Some(crate::formats::openai_chat::decode_request(&chat.upstream_body())?);
+    }
+    let request = canonical
+        .as_ref()
+        .ok_or_else(|| ApiError::new(ErrorKind::Internal, "no request"))?;
+    adapter.encode_request(request, model).map(Bytes::from)
+}
+
+/// A whole answer of another format as the client's surface's: the status and body to send,
+/// and the provider's usage; Err when a successful answer cannot be read.
+fn translate_whole(
+    adapter: &dyn crate::providers::ProviderAdapter,
+    status: u16,
+    body: &[u8],
+    model: &str,
+    surface: Surface,
+) -> Result<((u16, Bytes), Option<Usage>), String> {
+    if !(200..300).contains(&status) {
+        let error = adapter.decode_error(status, body);
+        return Ok(((error.status(), Bytes::from(error.render(surface))), None));
+    }
+    let answer = adapter.decode_answer(body)?;
+    let encoded = crate::formats::openai_chat::encode_answer(&answer, model, unix_now());
+    Ok(((status, Bytes::from(encoded)), answer.usage))
+}
+
+/// A whole answer, already in OpenAI's shape (or, for an error from a provider of another
+/// format, already in the client's), as a Messages client reads it.
+fn as_messages_answer(upstream: &Upstream, status: u16, body: Bytes, model: &str, ctx: &RequestCtx) -> (u16, Bytes) {
+    use crate::providers::ProviderAdapter;
+    let openai = crate::providers::openai::OpenAi;
+    if !(200..300).contains(&status) {
+        if upstream.adapter.is_some() {
+            return (status, body);
+        }
+        let error = openai.decode_error(status, &body);
+        return (error.status(), Bytes::from(error.render(Surface::Anthropic)));
+    }
+    match openai.decode_answer(&body) {
+        Ok(mut answer) => {
+            // The recorded usage: the provider's own, cache writes included.
+            answer.usage = Some(ctx.exchange.usage);
+            (
+                status,
+                Bytes::from(crate::formats::anthropic_messages::encode_answer(&answer, model)),
+            )
+        }
+        Err(why) => {
+            let error = invalid_answer(upstream, &ctx.exchange.request_id, &why);
+            (error.status(), Bytes::from(error.render(Surface::Anthropic)))
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A JSON answer without usage: count its prompt and message text.

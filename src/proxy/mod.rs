@@ -78,6 +78,26 @@ pub struct RequestCtx {
     _in_flight: InFlight,
 }
 
+/// A Messages request as the chat request the flow runs on: decoded, then written as chat
+/// completions (what an OpenAI-compatible upstream is sent, spliced; other formats re-encode
+/// it, losing nothing the canonical request carries). Usage is always asked for: Anthropic's
+/// stream reports it in `message_delta`.
+fn messages_as_chat(raw: &[u8], to_generate: bool) -> Result<ChatRequest, ApiError> {
+    use crate::providers::ProviderAdapter;
+    let decoded = crate::formats::anthropic_messages::decode_request(raw, to_generate)?;
+    let body = crate::providers::openai::OpenAi.encode_request(&decoded.request, &decoded.model)?;
+    let mut body: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&body).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+    if let Some(user) = decoded.user {
+        body.insert("user".into(), serde_json::Value::String(user));
+    }
+    if decoded.request.stream {
+        body.insert("stream_options".into(), serde_json::json!({"include_usage": true}));
+    }
+    let body = serde_json::to_vec(&body).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+    ChatRequest::parse(Bytes::from(body)).map_err(ApiError::from)
+}
+
 /// A time-ordered request id: 48 bits of milliseconds then 80 random bits, as 32 hex digits.
 /// Time order keeps usage-table inserts at the end of the index.
 pub fn new_request_id() -> String {
@@ -121,6 +141,8 @@ impl ProxyHttp for Gateway {
         ctx.exchange.surface = ctx.route.surface();
         let outcome = match ctx.route {
             Route::ChatCompletions => self.chat_completions(session, ctx).await,
+            Route::Messages => self.messages(session, ctx).await,
+            Route::CountTokens => self.count_tokens(session, ctx).await,
             Route::Models => self.list_models(session, ctx).await,
             Route::StripeWebhook => self.stripe_webhook(session, ctx).await,
             Route::Usage => self.own_usage(session, ctx).await,
@@ -231,11 +253,48 @@ impl Gateway {
         let Some(raw) = self.read_client_body(session, ctx, self.max_body_bytes).await? else {
             return Ok(());
         };
-        let mut chat = ChatRequest::parse(raw).map_err(ApiError::from)?;
+        let chat = ChatRequest::parse(raw).map_err(ApiError::from)?;
+        self.chat(session, ctx, &view, chat).await
+    }
+
+    /// `POST /v1/messages`: decoded, then served by the same flow as chat completions with the
+    /// answer written in Anthropic's shapes.
+    async fn messages(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), LocalResponse> {
+        let view = self.authorize(session, ctx).await?;
+        let Some(raw) = self.read_client_body(session, ctx, self.max_body_bytes).await? else {
+            return Ok(());
+        };
+        let chat = messages_as_chat(&raw, true)?;
+        self.chat(session, ctx, &view, chat).await
+    }
+
+    /// `POST /v1/messages/count_tokens`: the prompt's tokens, counted here.
+    async fn count_tokens(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), LocalResponse> {
+        self.authorize(session, ctx).await?;
+        let Some(raw) = self.read_client_body(session, ctx, self.max_body_bytes).await? else {
+            return Ok(());
+        };
+        let chat = messages_as_chat(&raw, false)?;
+        let tokens = crate::metering::tokens::count_chat_prompt(&chat.model, &chat.messages);
+        let body = serde_json::to_vec(&serde_json::json!({"input_tokens": tokens}))
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        self.send_body(session, ctx, 200, "application/json", Bytes::from(body))
+            .await;
+        Ok(())
+    }
+
+    /// Steps 4 to 7 for any chat surface: plugins, routing, the hold, forwarding.
+    async fn chat(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        view: &RequestView,
+        mut chat: ChatRequest,
+    ) -> Result<(), LocalResponse> {
         ctx.exchange.requested_model = Some(chat.model.clone());
         ctx.exchange.end_user = chat.user.clone();
         ctx.exchange.stream = chat.stream;
-        if let Err(stop) = self.chain.on_body(&view, &mut chat, &mut ctx.exchange).await {
+        if let Err(stop) = self.chain.on_body(view, &mut chat, &mut ctx.exchange).await {
             ctx.answered_by = Some(stop.plugin);
             return Err(stop.response);
         }

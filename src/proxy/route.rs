@@ -7,6 +7,10 @@ use komilion_sdk::Surface;
 pub enum Route {
     /// `POST /v1/chat/completions`
     ChatCompletions,
+    /// `POST /v1/messages`: Anthropic's Messages API.
+    Messages,
+    /// `POST /v1/messages/count_tokens`
+    CountTokens,
     /// `GET /v1/models`
     Models,
     /// `POST /webhooks/stripe`
@@ -35,6 +39,9 @@ impl Route {
         match path {
             "/chat/completions" if method == Method::POST => Route::ChatCompletions,
             "/chat/completions" => Route::MethodNotAllowed("POST"),
+            "/messages" if method == Method::POST => Route::Messages,
+            "/messages/count_tokens" if method == Method::POST => Route::CountTokens,
+            "/messages" | "/messages/count_tokens" => Route::MethodNotAllowed("POST"),
             "/models" if method == Method::GET || method == Method::HEAD => Route::Models,
             "/models" => Route::MethodNotAllowed("GET"),
             "/usage" if method == Method::GET => Route::Usage,
@@ -43,14 +50,25 @@ impl Route {
         }
     }
 
+    /// Routes that reach a provider: each request is held, settled and recorded.
+    pub fn is_metered(self) -> bool {
+        matches!(self, Route::ChatCompletions | Route::Messages)
+    }
+
+    /// The API whose shapes (errors included) the client expects.
     pub fn surface(self) -> Surface {
-        Surface::OpenAi
+        match self {
+            Route::Messages | Route::CountTokens => Surface::Anthropic,
+            _ => Surface::OpenAi,
+        }
     }
 
     /// The `route` label of metrics.
     pub fn label(self) -> &'static str {
         match self {
             Route::ChatCompletions => "chat_completions",
+            Route::Messages => "messages",
+            Route::CountTokens => "count_tokens",
             Route::Models => "models",
             Route::StripeWebhook => "stripe_webhook",
             Route::Usage => "usage",
@@ -74,5 +92,12 @@ mod tests {
         );
         assert_eq!(Route::of(&Method::GET, "/v1/models"), Route::Models);
         assert_eq!(Route::of(&Method::GET, "/v2/models"), Route::NotFound);
+        assert_eq!(Route::of(&Method::POST, "/v1/messages"), Route::Messages);
+        assert_eq!(
+            Route::of(&Method::POST, "/v1/messages/count_tokens"),
+            Route::CountTokens
+        );
+        assert_eq!(Route::Messages.surface(), Surface::Anthropic);
+        assert_eq!(Route::ChatCompletions.surface(), Surface::OpenAi);
     }
 }

@@ -6,6 +6,7 @@
 //! are resolved at start and refreshed by a background service ([`DnsRefresher`]).
 
 use crate::config::{ProviderConfig, ProviderKind};
+use crate::providers::ProviderAdapter;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::http::RequestHeader;
@@ -28,9 +29,12 @@ pub struct Upstream {
     pub config: ProviderConfig,
     /// The `Host` header: the host, with the port when it is not the scheme's default.
     pub host_header: String,
-    /// The request header of a chat completion, built once: per request it is cloned and
-    /// given its length and `accept`.
+    /// The request header of a chat request, built once: per request it is cloned and given
+    /// its length and `accept`.
     pub chat_request: RequestHeader,
+    /// How to speak this provider's format; None for OpenAI's, which the OpenAI surface
+    /// splices byte for byte.
+    pub adapter: Option<Box<dyn ProviderAdapter>>,
     peers: ArcSwap<Vec<HttpPeer>>,
     next: AtomicUsize,
 }
@@ -43,10 +47,12 @@ impl Upstream {
         } else {
             format!("{}:{}", bracket_v6(&config.host), config.port)
         };
-        let chat_request = chat_request_template(&config, &host_header)
+        let adapter = crate::providers::adapter_for(config.kind);
+        let chat_request = chat_request_template(&config, adapter.as_deref(), &host_header)
             .map_err(|e| format!("provider `{}`: cannot build its request header: {e}", config.name))?;
         let upstream = Upstream {
             chat_request,
+            adapter,
             host_header,
             peers: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
@@ -120,13 +126,30 @@ impl Upstream {
     }
 }
 
-/// The fixed part of a chat completion request to an OpenAI-compatible provider. The client's
-/// own headers are never copied: its credential must not reach the provider.
-fn chat_request_template(config: &ProviderConfig, host_header: &str) -> pingora::Result<RequestHeader> {
-    let path = format!("{}/chat/completions", config.base_path);
+/// The fixed part of a chat request to a provider: its format's target and credential
+/// headers. The client's own headers are never copied: its credential must not reach the
+/// provider.
+fn chat_request_template(
+    config: &ProviderConfig,
+    adapter: Option<&dyn ProviderAdapter>,
+    host_header: &str,
+) -> pingora::Result<RequestHeader> {
+    // Targets that name the model (Gemini, Azure deployments) will be built per request; the
+    // formats served today have one target per provider.
+    let path = match adapter {
+        Some(adapter) => adapter.chat_target(&config.base_path, "", false),
+        None => format!("{}/chat/completions", config.base_path),
+    };
     let mut req = RequestHeader::build_no_case(http::Method::POST, path.as_bytes(), Some(8))?;
     req.insert_header(http::header::HOST, host_header)?;
-    req.insert_header(http::header::AUTHORIZATION, format!("Bearer {}", config.api_key))?;
+    match adapter {
+        Some(adapter) => {
+            for (name, value) in adapter.auth_headers(&config.api_key) {
+                req.insert_header(name, value)?;
+            }
+        }
+        None => req.insert_header(http::header::AUTHORIZATION, format!("Bearer {}", config.api_key))?,
+    }
     req.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     req.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
     req.insert_header(

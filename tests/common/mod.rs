@@ -48,6 +48,8 @@ pub async fn mock_provider(behavior: Behavior) -> MockProvider {
 /// One provider entry of a test config.
 pub struct ProviderSpec {
     pub name: String,
+    /// The provider's `kind` (its API format): `openai` unless set.
+    pub kind: &'static str,
     pub base_url: String,
     pub models: Vec<String>,
     pub first_byte_ms: u64,
@@ -62,9 +64,16 @@ impl ProviderSpec {
         self
     }
 
+    /// This provider entry speaking another API format.
+    pub fn of_kind(mut self, kind: &'static str) -> ProviderSpec {
+        self.kind = kind;
+        self
+    }
+
     pub fn new(name: &str, base_url: String, models: &[&str]) -> ProviderSpec {
         ProviderSpec {
             name: name.into(),
+            kind: "openai",
             base_url,
             models: models.iter().map(|m| m.to_string()).collect(),
             first_byte_ms: 10_000,
@@ -136,8 +145,9 @@ impl GatewayProcess {
         );
         for p in providers {
             yaml.push_str(&format!(
-                "  - name: {}\n    kind: openai\n    base_url: {}\n    api_key: ${{TEST_PROVIDER_KEY}}\n    models: [{}]\n    timeouts: {{connect_ms: 3000, first_byte_ms: {}, idle_ms: 10000}}\n{}",
+                "  - name: {}\n    kind: {}\n    base_url: {}\n    api_key: ${{TEST_PROVIDER_KEY}}\n    models: [{}]\n    timeouts: {{connect_ms: 3000, first_byte_ms: {}, idle_ms: 10000}}\n{}",
                 p.name,
+                p.kind,
                 p.base_url,
                 p.models.join(", "),
                 p.first_byte_ms,

@@ -47,7 +47,14 @@ pub struct RoutePlan {
 pub struct Usage {
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Of `input_tokens`, read from the provider's prompt cache.
     pub cached_input_tokens: u64,
+    /// Of `input_tokens`, written to the provider's prompt cache (Anthropic bills them above
+    /// the input price; OpenAI and Gemini report none).
+    pub cache_write_input_tokens: u64,
+    /// Of `cache_write_input_tokens`, written with a one-hour lifetime (billed higher still).
+    pub cache_write_1h_input_tokens: u64,
+    /// Of `output_tokens`, spent on reasoning.
     pub reasoning_tokens: u64,
     /// Counted by the gateway because the provider did not report usage.
     pub estimated: bool,

@@ -1,0 +1,75 @@
+//! Provider adapters: what differs between upstream APIs, behind one trait (DESIGN.md §3,
+//! STYLE.md 2(e)).
+//!
+//! An adapter turns the canonical request into the provider's request target, headers and
+//! body, and the provider's answers, stream events and errors back into canonical ones. It
+//! knows `formats::canonical` and never a connection: sending, pooling, timeouts and
+//! fallbacks stay in `upstream` and `proxy::forward`, the same for every provider.
+//!
+//! The `openai` kind needs no translation for the OpenAI surface (the client's body is spliced
+//! and relayed byte for byte); its adapter exists for the other surfaces.
+
+pub mod anthropic;
+pub mod openai;
+pub mod translate;
+
+use crate::config::ProviderKind;
+use crate::formats::canonical::{Answer, Event, Request};
+use crate::sse::SseEvent;
+use komilion_sdk::ApiError;
+
+/// One upstream API's format.
+pub trait ProviderAdapter: Send + Sync {
+    /// The request target of a chat request for `model` (`base_path` is the configured base
+    /// URL's path, e.g. `/v1`).
+    fn chat_target(&self, base_path: &str, model: &str, stream: bool) -> String;
+
+    /// The credential headers for `api_key`, plus any header the API requires.
+    fn auth_headers(&self, api_key: &str) -> Vec<(&'static str, String)>;
+
+    /// The provider's request body for `request`, sent to `model`.
+    fn encode_request(&self, request: &Request, model: &str) -> Result<Vec<u8>, ApiError>;
+
+    /// A whole (non-streamed) successful answer.
+    fn decode_answer(&self, body: &[u8]) -> Result<Answer, String>;
+
+    /// A decoder for one streamed answer.
+    fn stream_decoder(&self) -> Box<dyn StreamDecoder>;
+
+    /// An error answer (status not 2xx; the body already scrubbed of secrets), as the error the
+    /// client gets: same meaning, the provider's message, the client's surface's shape.
+    fn decode_error(&self, status: u16, body: &[u8]) -> ApiError;
+}
+
+/// Turns one provider's SSE events into canonical events, carrying what the format needs
+/// between events (which content block is which tool call, the usage seen so far).
+pub trait StreamDecoder: Send {
+    /// Decode one complete event; an error means the stream cannot be trusted any further.
+    fn decode(&mut self, event: &SseEvent<'_>, out: &mut Vec<Event>) -> Result<(), String>;
+}
+
+/// The adapter for a provider kind, or None for `openai` on the OpenAI surface (spliced).
+pub fn adapter_for(kind: ProviderKind) -> Option<Box<dyn ProviderAdapter>> {
+    match kind {
+        ProviderKind::Anthropic => Some(Box::new(anthropic::Anthropic)),
+        _ => None,
+    }
+}
+
+/// The message of a provider's JSON error body, at `pointer`, cut to a sane length; the whole
+/// body (cut) when it is not JSON.
+pub(crate) fn error_message(body: &[u8], pointer: &str) -> String {
+    const MAX: usize = 2048;
+    let message = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.pointer(pointer).and_then(|m| m.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_owned());
+    if message.len() <= MAX {
+        return message;
+    }
+    let mut cut = MAX;
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", &message[..cut])
+}
