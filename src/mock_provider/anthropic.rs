@@ -11,7 +11,7 @@ use super::answer::{self, Choice, Output};
 use super::openai::{sse_data, to_json};
 use super::{
     behavior_for, write_events, write_simple, Event, Faults, Head, Keep, Limits, ReplyHeaders, State, LIMIT_REQUESTS,
-    LIMIT_TOKENS,
+    LIMIT_TOKENS, SSE_HEAD,
 };
 use crate::metering::tokens::count_chat_prompt;
 use komilion_sdk::ChatMessage;
@@ -92,7 +92,7 @@ pub(super) async fn messages(
         pretty: behavior.pretty,
     };
     if request["stream"].as_bool().unwrap_or(false) {
-        write_events(stream, &headers, &reply.events(), &behavior, &FAULTS).await
+        write_events(stream, &headers, SSE_HEAD, &reply.events(), &behavior, &FAULTS).await
     } else {
         write_simple(stream, 200, "application/json", &reply.body(), &headers).await
     }

@@ -3,9 +3,17 @@
 //! A small HTTP/1.1 server (keep-alive, `Content-Length` and chunked bodies, `Expect:
 //! 100-continue`) written directly on tokio so that every byte it sends is under test control:
 //! it can stall before the first byte, pace its chunks, fail with a status, reset the connection
-//! mid-stream or emit a malformed event. The wire formats live in one file per provider protocol:
-//! OpenAI's chat completions at `/v1/chat/completions` ([`openai`]) and Anthropic's Messages API
-//! at `/v1/messages` ([`anthropic`]), on the same port, so one `base_url` serves both.
+//! mid-stream or emit a malformed event. The wire formats live in one file per provider protocol,
+//! all on the same port, so one address serves them all:
+//!
+//! - OpenAI's chat completions at `/v1/chat/completions` ([`openai`]) and embeddings at
+//!   `/v1/embeddings` ([`embeddings`]);
+//! - Anthropic's Messages API at `/v1/messages` ([`anthropic`]);
+//! - Azure OpenAI's `/openai/deployments/{deployment}/chat/completions` and `/embeddings`
+//!   ([`azure`]: OpenAI's bodies behind Azure's key header, `api-version` and headers);
+//! - Google's Gemini API at `/v1beta/models/{model}:generateContent`, `:streamGenerateContent`,
+//!   `:countTokens`, `:embedContent` and `:batchEmbedContents` ([`gemini`]);
+//! - Cohere's v2 chat at `/v2/chat` and embed at `/v2/embed` ([`cohere`]).
 //!
 //! Behaviour comes from [`Behavior`]: the instance default, overridden per request by a `"mock"`
 //! object in the JSON body (the gateway forwards unknown fields untouched) or an
@@ -15,10 +23,16 @@
 //! `response_format`, `logprobs`: see [`answer`]), so clients' features can be tested through
 //! the gateway, and every response carries its provider's request id and rate-limit headers
 //! (OpenAI's `x-request-id` and `x-ratelimit-*`, Anthropic's `request-id` and
-//! `anthropic-ratelimit-*`).
+//! `anthropic-ratelimit-*`, Azure's `apim-request-id` and `x-ratelimit-remaining-*`; Google and
+//! Cohere send no rate limits). The other formats convert their requests to OpenAI's shape for
+//! the same planner, so every route answers alike.
 
 pub mod answer;
 pub mod anthropic;
+pub mod azure;
+pub mod cohere;
+pub mod embeddings;
+pub mod gemini;
 pub mod openai;
 mod schema;
 
@@ -52,11 +66,14 @@ pub struct Behavior {
     /// Send the provider's in-stream error event (overloaded) after this many content chunks,
     /// then end the stream cleanly, as a provider that fails after its 200 does.
     pub stream_error_after: Option<usize>,
-    /// Leave usage out of the answer entirely (what some providers do). The Anthropic route
-    /// ignores it: Anthropic always sends usage.
+    /// Leave usage out of the answer entirely (what some providers do): Gemini's `usageMetadata`,
+    /// Cohere's `usage` and `billed_units` too. The Anthropic route ignores it: Anthropic always
+    /// sends usage.
     pub omit_usage: bool,
     /// Pretty-print JSON bodies and stream events (spaces after colons, one member a line; a
     /// streamed event's lines each get their own `data: `), as some providers send them.
+    /// Gemini's bodies are pretty whatever it says, as Google prints them by default (unless
+    /// the query says `prettyPrint=false`).
     pub pretty: bool,
 }
 
@@ -79,8 +96,9 @@ impl Default for Behavior {
 /// Settings of one simulated provider instance.
 #[derive(Debug, Clone)]
 pub struct MockConfig {
-    /// If set, requests must carry it, or get their provider's 401: OpenAI's routes as
-    /// `Authorization: Bearer <api_key>`, Anthropic's as `x-api-key: <api_key>`.
+    /// If set, requests must carry it, or get their provider's refusal: OpenAI's and Cohere's
+    /// routes as `Authorization: Bearer <api_key>`, Anthropic's as `x-api-key: <api_key>`,
+    /// Azure's as `api-key: <api_key>`, Gemini's as `x-goog-api-key: <api_key>` (or `?key=`).
     pub api_key: Option<String>,
     pub behavior: Behavior,
     /// What `GET /v1/models` lists.
@@ -382,6 +400,20 @@ async fn read_body(stream: &mut TcpStream, buf: &mut BytesMut, head: &Head) -> i
     Ok(buf.split_to(len).to_vec())
 }
 
+/// A random (version 4) UUID, as Azure and Cohere write their ids.
+fn uuid() -> String {
+    let v = (rand::random::<u128>() & !(0xf000 << 64) & !(0xc000 << 48)) | (0x4000 << 64) | (0x8000 << 48);
+    let hex = format!("{v:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
 fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -419,10 +451,13 @@ const LIMIT_TOKENS: u64 = 10_000_000;
 enum Wire {
     OpenAi,
     Anthropic,
+    Azure,
+    Gemini,
+    Cohere,
 }
 
 /// The headers a provider sends with every answer: the request's id, and the rate limits left.
-/// Each wire format spells them its own way (`openai::headers`, `anthropic::headers`).
+/// Each wire format spells them its own way (`openai::headers`, `anthropic::headers`, ...).
 struct ReplyHeaders {
     wire: Wire,
     request_id: String,
@@ -452,6 +487,8 @@ impl ReplyHeaders {
             // OpenAI's shape: `req_` and 32 hex digits.
             Wire::OpenAi => format!("req_{:032x}", rand::random::<u128>()),
             Wire::Anthropic => anthropic::request_id(),
+            Wire::Azure | Wire::Cohere => uuid(),
+            Wire::Gemini => gemini::response_id(),
         };
         ReplyHeaders {
             wire,
@@ -479,6 +516,9 @@ impl ReplyHeaders {
         match self.wire {
             Wire::OpenAi => openai::headers(&self.request_id, self.started.elapsed().as_millis(), &limits),
             Wire::Anthropic => anthropic::headers(&self.request_id, &limits),
+            Wire::Azure => azure::headers(&self.request_id, &limits),
+            Wire::Gemini => gemini::headers(self.started.elapsed().as_millis()),
+            Wire::Cohere => cohere::headers(&self.request_id, self.started.elapsed().as_millis()),
         }
     }
 }
@@ -525,9 +565,20 @@ fn reason(status: u16) -> &'static str {
 async fn respond(stream: &mut TcpStream, state: &State, head: &Head, body: &[u8]) -> io::Result<Keep> {
     let n = state.next_id.fetch_add(1, Ordering::Relaxed);
     let path = head.path.split('?').next().unwrap_or("");
-    // Anthropic's route checks its own key header and answers in its own shapes.
-    if head.method == "POST" && matches!(path, "/v1/messages" | "/messages") {
-        return anthropic::messages(stream, state, head, body, ReplyHeaders::new(n, Wire::Anthropic)).await;
+    // The other providers' routes check their own key headers and answer in their own shapes.
+    if head.method == "POST" {
+        if matches!(path, "/v1/messages" | "/messages") {
+            return anthropic::messages(stream, state, head, body, ReplyHeaders::new(n, Wire::Anthropic)).await;
+        }
+        if let Some(call) = gemini::Call::parse(path) {
+            return gemini::serve(stream, state, head, body, call, ReplyHeaders::new(n, Wire::Gemini)).await;
+        }
+        if path.starts_with("/openai/deployments/") {
+            return azure::serve(stream, state, head, body, n, ReplyHeaders::new(n, Wire::Azure)).await;
+        }
+        if matches!(path, "/v2/chat" | "/v2/embed") {
+            return cohere::serve(stream, state, head, body, ReplyHeaders::new(n, Wire::Cohere)).await;
+        }
     }
     let headers = ReplyHeaders::new(n, Wire::OpenAi);
     // Until a chat request's body is read, only the instance default and the header apply.
@@ -545,7 +596,10 @@ async fn respond(stream: &mut TcpStream, state: &State, head: &Head, body: &[u8]
             write_simple(stream, 200, "application/json", &body, &headers).await
         }
         ("POST", "/v1/chat/completions" | "/chat/completions") => {
-            chat_completion(stream, state, head, body, n, headers).await
+            chat_completion(stream, state, head, body, n, headers, Surface::OpenAi).await
+        }
+        ("POST", "/v1/embeddings" | "/embeddings") => {
+            embeddings::openai(stream, state, head, body, headers, Surface::OpenAi).await
         }
         _ => {
             let body = openai::error_body(404, pretty);
@@ -563,6 +617,36 @@ fn prompt_tokens(body: &[u8], model: &str) -> u64 {
     }
 }
 
+/// Which API serves an OpenAI-shaped request: OpenAI's own, or an Azure deployment of it (the
+/// same bodies, Azure's error bodies where Azure's gateway answers itself).
+#[derive(Debug, Clone, Copy)]
+enum Surface<'a> {
+    OpenAi,
+    Azure { deployment: &'a str, api_version: &'a str },
+}
+
+impl Surface<'_> {
+    fn error_body(&self, status: u16, pretty: bool) -> Vec<u8> {
+        match self {
+            Surface::OpenAi => openai::error_body(status, pretty),
+            Surface::Azure { api_version, .. } => azure::error_body(status, api_version, pretty),
+        }
+    }
+
+    /// The model an answer names: the request's, or (on Azure, where the deployment names it)
+    /// the deployment's.
+    fn model(&self, request: &serde_json::Value) -> String {
+        match (request["model"].as_str(), self) {
+            (Some(model), _) => model.to_owned(),
+            (None, Surface::Azure { deployment, .. }) => (*deployment).to_owned(),
+            (None, Surface::OpenAi) => "unknown".to_owned(),
+        }
+    }
+}
+
+/// The stream head's content headers of OpenAI's and Anthropic's streams.
+const SSE_HEAD: &str = "content-type: text/event-stream; charset=utf-8\r\ncache-control: no-cache\r\n";
+
 async fn chat_completion(
     stream: &mut TcpStream,
     state: &State,
@@ -570,11 +654,12 @@ async fn chat_completion(
     body: &[u8],
     n: u64,
     mut headers: ReplyHeaders,
+    surface: Surface<'_>,
 ) -> io::Result<Keep> {
     let request: serde_json::Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(_) => {
-            let body = openai::error_body(400, state.config.behavior.pretty);
+            let body = surface.error_body(400, state.config.behavior.pretty);
             return write_simple(stream, 400, "application/json", &body, &headers).await;
         }
     };
@@ -589,10 +674,10 @@ async fn chat_completion(
         tokio::time::sleep(Duration::from_millis(behavior.ttfb_ms)).await;
     }
     if let Some(status) = behavior.fail_status {
-        let body = openai::error_body(status, behavior.pretty);
+        let body = surface.error_body(status, behavior.pretty);
         return write_simple(stream, status, "application/json", &body, &headers).await;
     }
-    let model = request["model"].as_str().unwrap_or("unknown").to_owned();
+    let model = surface.model(&request);
     let plan = match answer::plan(&request, &model, behavior.chunks) {
         Ok(plan) => plan,
         Err(e) => {
@@ -606,7 +691,14 @@ async fn chat_completion(
         created: now_secs(),
         model: &model,
         choices: &plan.choices,
-        prompt_tokens: prompt_tokens(body, &model),
+        prompt_tokens: if request.get("model").is_some() {
+            prompt_tokens(body, &model)
+        } else {
+            // Azure's requests may leave the model to the deployment; the counter wants one.
+            let mut named = request.clone();
+            named["model"] = serde_json::Value::String(model.clone());
+            prompt_tokens(&serde_json::to_vec(&named).unwrap_or_default(), &model)
+        },
         completion_tokens: plan.completion_tokens,
         logprobs: plan.logprobs,
         pretty: behavior.pretty,
@@ -620,7 +712,7 @@ async fn chat_completion(
 
     let include_usage = request["stream_options"]["include_usage"].as_bool().unwrap_or(false) && !behavior.omit_usage;
     let events = completion.events(include_usage);
-    write_events(stream, &headers, &events, &behavior, &openai::FAULTS).await
+    write_events(stream, &headers, SSE_HEAD, &events, &behavior, &openai::FAULTS).await
 }
 
 /// One SSE event of a streamed answer.
@@ -638,16 +730,18 @@ struct Faults {
     error: &'static [u8],
 }
 
-/// Stream `events` in a chunked 200, paced and broken as `behavior` says.
+/// Stream `events` in a chunked 200, paced and broken as `behavior` says; `content_head` is the
+/// header lines (each ending in CRLF) saying what the stream is (its content type and the like).
 async fn write_events(
     stream: &mut TcpStream,
     headers: &ReplyHeaders,
+    content_head: &str,
     events: &[Event],
     behavior: &Behavior,
     faults: &Faults,
 ) -> io::Result<Keep> {
     let head = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\ncache-control: no-cache\r\n{}\r\n",
+        "HTTP/1.1 200 OK\r\n{content_head}transfer-encoding: chunked\r\n{}\r\n",
         headers.render(200)
     );
     stream.write_all(head.as_bytes()).await?;
