@@ -274,5 +274,100 @@ fn big_prompt(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, sse, json, chain, warm_key_auth, metering, big_prompt);
+/// An Anthropic Messages stream of `n` text deltas, as the API sends it.
+fn anthropic_stream(n: usize) -> Vec<u8> {
+    let mut out = String::from(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_01\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude-sonnet-4-5\",\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n\
+         event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+    );
+    for i in 0..n {
+        out.push_str(&format!(
+            "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\" token{i}\"}}}}\n\n"
+        ));
+    }
+    out.push_str(
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n\
+         event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":200}}\n\n\
+         event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+    out.into_bytes()
+}
+
+/// A Gemini stream of `n` text chunks, as the API sends it (`alt=sse`).
+fn gemini_stream(n: usize) -> Vec<u8> {
+    let mut out = String::new();
+    for i in 0..n {
+        let finish = if i + 1 == n { r#","finishReason": "STOP""# } else { "" };
+        out.push_str(&format!(
+            "data: {{\"candidates\": [{{\"content\": {{\"parts\": [{{\"text\": \" token{i}\"}}],\"role\": \"model\"}}{finish},\"index\": 0}}],\"usageMetadata\": {{\"promptTokenCount\": 25,\"candidatesTokenCount\": {i},\"totalTokenCount\": 30}},\"modelVersion\": \"gemini-2.5-flash\",\"responseId\": \"r1\"}}\r\n\r\n"
+        ));
+    }
+    out.into_bytes()
+}
+
+/// What crossing formats costs: a request translated, a whole answer translated back, and a
+/// stream translated event by event (OpenAI in and out is a splice and pays none of this).
+fn translation(c: &mut Criterion) {
+    use komilion::formats::openai_chat;
+    use komilion::providers::translate::StreamTranslator;
+    use komilion::providers::{anthropic::Anthropic, gemini::Gemini, ProviderAdapter};
+    let request = serde_json::to_vec(&serde_json::json!({
+        "model": "m", "max_tokens": 500, "stream": true,
+        "messages": [{"role": "system", "content": "You are helpful."},
+                     {"role": "user", "content": "q".repeat(1024)}],
+        "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object",
+            "properties": {"q": {"type": "string"}}}}}]
+    }))
+    .unwrap();
+    let mut group = c.benchmark_group("translation");
+    for (name, adapter) in [
+        ("anthropic", &Anthropic as &dyn ProviderAdapter),
+        ("gemini", &Gemini as &dyn ProviderAdapter),
+    ] {
+        group.bench_function(format!("OpenAI request (1 KiB prompt) -> {name}"), |b| {
+            b.iter(|| {
+                let canonical = openai_chat::decode_request(&request).unwrap();
+                adapter.encode_request(&canonical, "m").unwrap()
+            })
+        });
+    }
+    let answer = br#"{"id":"msg_01","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"Hello there, how can I help you today? I can look things up."}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":25,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":15}}"#;
+    group.bench_function("anthropic answer -> OpenAI answer", |b| {
+        b.iter(|| {
+            let decoded = Anthropic.decode_answer(answer).unwrap();
+            openai_chat::encode_answer(&decoded, "claude-sonnet-4-5", 1_700_000_000)
+        })
+    });
+    for (name, adapter, stream) in [
+        ("anthropic", &Anthropic as &dyn ProviderAdapter, anthropic_stream(200)),
+        ("gemini", &Gemini as &dyn ProviderAdapter, gemini_stream(200)),
+    ] {
+        group.throughput(Throughput::Elements(200));
+        group.bench_function(
+            format!("{name} stream -> OpenAI chunks, 200 events in 1 KiB reads"),
+            |b| {
+                b.iter(|| {
+                    let mut t = StreamTranslator::new(adapter, "m", 1_700_000_000, 4 << 20);
+                    let mut bytes = 0;
+                    for piece in stream.chunks(1024) {
+                        bytes += t.feed(piece).unwrap().len();
+                    }
+                    bytes + t.finish().unwrap().len()
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    sse,
+    json,
+    chain,
+    warm_key_auth,
+    metering,
+    big_prompt,
+    translation
+);
 criterion_main!(benches);

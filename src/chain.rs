@@ -25,6 +25,7 @@ pub struct PluginChain {
     on_route: Vec<usize>,
     on_attempt: Vec<usize>,
     on_upstream_status: Vec<usize>,
+    on_upstream_failure: Vec<usize>,
     on_response: Vec<usize>,
     on_event: Vec<usize>,
     on_complete: Vec<usize>,
@@ -78,6 +79,7 @@ impl PluginChain {
             on_route: with(Hooks::ON_ROUTE),
             on_attempt: with(Hooks::ON_ATTEMPT),
             on_upstream_status: with(Hooks::ON_UPSTREAM_STATUS),
+            on_upstream_failure: with(Hooks::ON_UPSTREAM_FAILURE),
             on_response: with(Hooks::ON_RESPONSE),
             on_event: with(Hooks::ON_EVENT),
             on_complete: with(Hooks::ON_COMPLETE),
@@ -144,6 +146,12 @@ impl PluginChain {
     pub fn on_upstream_status(&self, candidate: &Candidate, status: u16, ex: &mut Exchange) {
         for &i in &self.on_upstream_status {
             self.plugins[i].on_upstream_status(candidate, status, ex);
+        }
+    }
+
+    pub fn on_upstream_failure(&self, candidate: &Candidate, kind: &'static str, ex: &mut Exchange) {
+        for &i in &self.on_upstream_failure {
+            self.plugins[i].on_upstream_failure(candidate, kind, ex);
         }
     }
 

@@ -81,7 +81,13 @@ pub fn run(options: DemoOptions) -> Result<(), DemoError> {
     let catalog = Catalog::embedded();
     let openai_models = demo_models(&catalog, "openai");
     let anthropic_models = demo_models(&catalog, "anthropic");
-    let models: Vec<String> = openai_models.iter().chain(&anthropic_models).cloned().collect();
+    let gemini_models = demo_models(&catalog, "gemini");
+    let models: Vec<String> = openai_models
+        .iter()
+        .chain(&anthropic_models)
+        .chain(&gemini_models)
+        .cloned()
+        .collect();
     let provider_key = format!("sk-sim-{}", random_hex(16));
     let mock = MockProvider::start_in_thread(
         MockConfig {
@@ -127,6 +133,11 @@ providers:
     base_url: {base}
     api_key: {provider_key}
     models: [{anthropic_list}]
+  - name: gemini
+    kind: gemini
+    base_url: http://{addr}/v1beta
+    api_key: {provider_key}
+    models: [{gemini_list}]
 store: "{store_url}"
 admin:
   listen: "127.0.0.1:{admin_port}"
@@ -141,6 +152,8 @@ plugins:
         base = mock.base_url(),
         openai_list = yaml_list(&openai_models),
         anthropic_list = yaml_list(&anthropic_models),
+        gemini_list = yaml_list(&gemini_models),
+        addr = mock.addr(),
         spool_dir = data_dir.join("spool").display()
     );
     let config = Config::from_yaml(&yaml, &|_| None)?;
@@ -276,7 +289,7 @@ fn instructions(
         ));
     }
     format!(
-        r#"Komilion demo is ready: the gateway in front of simulated OpenAI and Anthropic providers (no network needed).
+        r#"Komilion demo is ready: the gateway in front of simulated OpenAI, Anthropic and Gemini providers (no network needed).
 
   base_url  {base_url}
   api_key   {key}   (account {account_id}, $10 in its wallet)
@@ -302,8 +315,9 @@ Or with the official Python SDK (pip install openai):
           model="gpt-4o-mini", stream=True, messages=[{{"role": "user", "content": "Stream, please"}}]):
       print(chunk.choices[0].delta.content or "", end="", flush=True)
 
-Any model through either API: Claude through OpenAI's SDK above (model="claude-sonnet-4-5"),
-or any model through Anthropic's SDK (pip install anthropic):
+Any model through either API: Claude or Gemini through OpenAI's SDK above
+(model="claude-sonnet-4-5", "gemini-2.5-flash"), or any model through Anthropic's SDK
+(pip install anthropic):
 
   import anthropic
   client = anthropic.Anthropic(base_url="{root_url}", api_key="{key}")

@@ -27,6 +27,9 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     /// Attempts abandoned for the next candidate.
     pub fallbacks: IntCounterVec,
+    pub breaker_state: IntGaugeVec,
+    pub breaker_opened: IntCounterVec,
+    pub breaker_rejections: IntCounterVec,
     /// Requests answered by a plugin (auth failures, limits, cache hits) by plugin and status.
     pub plugin_responses: IntCounterVec,
     pub build_info: IntGaugeVec,
@@ -126,6 +129,24 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["provider"]
         )
         .expect("register komilion_fallbacks_total"),
+        breaker_state: register_int_gauge_vec!(
+            "komilion_breaker_state",
+            "Circuit breaker of a provider and model: 0 closed, 1 half-open, 2 open.",
+            &["provider", "model"]
+        )
+        .expect("register komilion_breaker_state"),
+        breaker_opened: register_int_counter_vec!(
+            "komilion_breaker_opened_total",
+            "Times a provider's breaker opened, by model.",
+            &["provider", "model"]
+        )
+        .expect("register komilion_breaker_opened_total"),
+        breaker_rejections: register_int_counter_vec!(
+            "komilion_breaker_rejections_total",
+            "Candidates skipped because their breaker was open.",
+            &["provider"]
+        )
+        .expect("register komilion_breaker_rejections_total"),
         plugin_responses: register_int_counter_vec!(
             "komilion_plugin_responses_total",
             "Requests answered by a plugin instead of an upstream.",
@@ -256,6 +277,8 @@ impl Drop for InFlight {
 /// the gateway can serve: its store, if it has one, is open; 503 before).
 pub struct MetricsApp {
     pub ready: Option<crate::store::cache::StoreSlot>,
+    /// Shown by `/health`.
+    pub breakers: std::sync::Arc<crate::providers::breaker::Breakers>,
 }
 
 #[async_trait]
@@ -275,7 +298,20 @@ impl ServeHttp for MetricsApp {
             "/health" if self.ready.as_ref().is_some_and(|slot| slot.get().is_none()) => {
                 (503, "application/json".to_owned(), br#"{"status":"starting"}"#.to_vec())
             }
-            "/health" => (200, "application/json".to_owned(), br#"{"status":"ok"}"#.to_vec()),
+            "/health" => {
+                // Serving, whatever the providers' state: which ones are skipped is shown for
+                // dashboards, not a reason to take the instance out of a balancer.
+                let breakers: Vec<serde_json::Value> = self
+                    .breakers
+                    .states(std::time::Instant::now())
+                    .into_iter()
+                    .map(|(provider, model, state)| {
+                        serde_json::json!({"provider": provider, "model": model, "state": state.as_str()})
+                    })
+                    .collect();
+                let body = serde_json::json!({"status": "ok", "breakers": breakers});
+                (200, "application/json".to_owned(), body.to_string().into_bytes())
+            }
             _ => (404, "application/json".to_owned(), br#"{"error":"not found"}"#.to_vec()),
         };
         http::Response::builder()

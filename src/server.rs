@@ -240,7 +240,19 @@ pub fn build_server(config: &Config, mut opt: Opt) -> Result<Server, BuildError>
         None => None,
     };
     let upstreams = Arc::new(Upstreams::new(&config.providers).map_err(BuildError::Upstream)?);
+    let breakers = Arc::new(crate::providers::breaker::Breakers::new(
+        config.providers.iter().map(|p| (p.name.clone(), p.breaker)).collect(),
+    ));
     let gateway = Gateway {
+        breakers: breakers.clone(),
+        fallback: config.fallback,
+        account_keys: match (&config.store, &master_keys) {
+            (Some(_), Some(master)) => Some(Arc::new(crate::providers::byok::AccountKeys::new(
+                slot.clone(),
+                master.clone(),
+            ))),
+            _ => None,
+        },
         chain,
         upstreams: upstreams.clone(),
         models: ModelTable::new(&config.providers),
@@ -280,7 +292,7 @@ pub fn build_server(config: &Config, mut opt: Opt) -> Result<Server, BuildError>
 
     if let Some(addr) = &config.listen.metrics {
         let ready = config.store.as_ref().map(|_| slot.clone());
-        let app = HttpServer::new_app(MetricsApp { ready });
+        let app = HttpServer::new_app(MetricsApp { ready, breakers });
         server.add_service(edge_service("komilion metrics", app, config, &[addr]));
     }
     if let (Some(url), Some(cache)) = (&config.store, cache) {

@@ -69,6 +69,7 @@ plugins:
     let out = Command::new(BIN)
         .args(["check", "-c", "conf/komilion.yaml"])
         .env("OPENAI_API_KEY", "sk-x")
+        .env("ANTHROPIC_API_KEY", "sk-ant-x")
         .env("KOMILION_ADMIN_TOKEN", "an-admin-token-of-some-length")
         .env("STRIPE_WEBHOOK_SECRET", "whsec_x")
         .output()
@@ -141,14 +142,27 @@ async fn demo_prints_a_ready_line_that_works() {
         .with_api_base(base_url)
         .with_api_key(key);
     let client = async_openai::Client::with_config(config);
-    let req = serde_json::from_value(chat_body("gpt-4o-mini", "demo-nonce", false)).unwrap();
-    let reply = client.chat().create(req).await.unwrap();
-    assert!(reply.choices[0]
-        .message
-        .content
-        .as_deref()
+    // Models of each simulated provider format answer through the OpenAI SDK.
+    let models: Vec<&str> = ready["models"]
+        .as_array()
         .unwrap()
-        .contains("demo-nonce"));
+        .iter()
+        .filter_map(|m| m.as_str())
+        .collect();
+    for model in ["gpt-4o-mini", "claude-sonnet-4-5", "gemini-2.5-flash"] {
+        assert!(models.contains(&model), "{model} in {models:?}");
+        let req = serde_json::from_value(chat_body(model, "demo-nonce", false)).unwrap();
+        let reply = client.chat().create(req).await.unwrap();
+        assert!(
+            reply.choices[0]
+                .message
+                .content
+                .as_deref()
+                .unwrap()
+                .contains("demo-nonce"),
+            "{model}"
+        );
+    }
     let metrics = http()
         .get(ready["metrics_url"].as_str().unwrap())
         .send()

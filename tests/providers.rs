@@ -38,7 +38,11 @@ fn typed(body: Value) -> CreateChatCompletionRequest {
 }
 
 async fn stream_chunks(gw: &GatewayProcess, body: Value) -> Vec<CreateChatCompletionStreamResponse> {
-    let client = openai_client(gw, CLIENT_KEY);
+    stream_chunks_with(gw, CLIENT_KEY, body).await
+}
+
+async fn stream_chunks_with(gw: &GatewayProcess, key: &str, body: Value) -> Vec<CreateChatCompletionStreamResponse> {
+    let client = openai_client(gw, key);
     let collect = async {
         let stream = client.chat().create_stream(typed(body)).await.unwrap();
         stream.map(|chunk| chunk.unwrap()).collect::<Vec<_>>().await
@@ -579,4 +583,193 @@ async fn the_messages_surface_answers_errors_in_anthropic_shape() {
     assert_eq!(name, "error", "{raw}");
     anthropic_error(data, "api_error");
     assert!(events.iter().any(|(n, _)| n == "content_block_delta"), "{raw}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_account_s_own_provider_key_reaches_the_provider_and_no_other() {
+    let (_dir, url) = sqlite_url();
+    // A provider that takes any key, so the test sees which one each request carried.
+    let open = MockProvider::start(MockConfig::default(), SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let (gw, admin) = GatewayProcess::with_store(
+        &[
+            ProviderSpec::new("compatible", open.base_url(), &["gpt-4o-mini"]),
+            ProviderSpec::new("claude", open.base_url(), &[CLAUDE]).of_kind("anthropic"),
+        ],
+        &url,
+        STORE_PLUGINS,
+        "",
+    );
+    let (alice, _, alice_secret) = admin.account_with_key(json!({"name": "a"}), Some("5")).await;
+    let (_bob, _, bob_secret) = admin.account_with_key(json!({"name": "b"}), Some("5")).await;
+    let alice_openai = "sk-alice-own-openai-key-0123456789";
+    let alice_claude = "sk-ant-alice-own-key-0123456789";
+    for (provider, key) in [("compatible", alice_openai), ("claude", alice_claude)] {
+        let (status, body) = admin
+            .call(
+                reqwest::Method::PUT,
+                &format!("/accounts/{alice}/provider-keys/{provider}"),
+                Some(json!({"api_key": key})),
+            )
+            .await;
+        assert_eq!(status, 204, "{body}");
+    }
+
+    let credential = |r: &komilion::mock_provider::RecordedRequest| {
+        r.header("authorization")
+            .map(|v| v.trim_start_matches("Bearer ").to_owned())
+            .or_else(|| r.header("x-api-key").map(str::to_owned))
+            .unwrap()
+    };
+    let mut seen = Vec::new();
+    for (secret, model) in [
+        (&alice_secret, "gpt-4o-mini"),
+        (&alice_secret, CLAUDE),
+        (&bob_secret, "gpt-4o-mini"),
+        (&bob_secret, CLAUDE),
+    ] {
+        for stream in [false, true] {
+            let resp = post_chat(&gw, secret, chat_body(model, "hello", stream).to_string()).await;
+            assert_eq!(resp.status(), 200);
+            let text = resp.text().await.unwrap();
+            assert!(!text.contains("alice-own"), "{text}");
+            seen.push(credential(&open.recorded().pop().unwrap()));
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            alice_openai,
+            alice_openai,
+            alice_claude,
+            alice_claude,
+            PROVIDER_KEY,
+            PROVIDER_KEY,
+            PROVIDER_KEY,
+            PROVIDER_KEY
+        ]
+    );
+
+    // Alice's own keys are billed by her providers: her wallet pays nothing for the tokens.
+    let records = admin.usage_until(&alice, |r| r.len() == 4).await;
+    assert!(
+        records
+            .iter()
+            .all(|r| r["cost_nano_usd"] == 0 && r["input_tokens"].as_u64() > Some(0)),
+        "{records:?}"
+    );
+}
+
+const GEMINI: &str = "gemini-2.5-flash";
+
+fn gemini(name: &str, mock: &MockProvider) -> ProviderSpec {
+    ProviderSpec::new(name, format!("http://{}/v1beta", mock.addr()), &[GEMINI]).of_kind("gemini")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gemini_model_serves_both_surfaces_with_tools_and_usage() {
+    let (_dir, url) = sqlite_url();
+    let mock = simulated(Behavior::default()).await;
+    let (gw, admin) = GatewayProcess::with_store(&[gemini("google", &mock)], &url, STORE_PLUGINS, "");
+    let (account, _, secret) = admin.account_with_key(json!({"name": "m"}), Some("5")).await;
+
+    let (status, whole) = post_json(&gw, &secret, &chat_body(GEMINI, "hello", false)).await;
+    assert_eq!(status, 200, "{whole}");
+    let text = whole["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    assert!(text.starts_with("Echo: hello"), "{whole}");
+    let seen = mock.recorded().pop().unwrap();
+    assert_eq!(seen.path, format!("/v1beta/models/{GEMINI}:generateContent"));
+    assert_eq!(seen.header("x-goog-api-key"), Some(PROVIDER_KEY));
+    assert_eq!(seen.header("authorization"), None);
+
+    let mut body = chat_body(GEMINI, "hello", true);
+    body["stream_options"] = json!({"include_usage": true});
+    let chunks = stream_chunks_with(&gw, &secret, body).await;
+    assert_eq!(
+        mock.recorded().pop().unwrap().path,
+        format!("/v1beta/models/{GEMINI}:streamGenerateContent?alt=sse")
+    );
+    let streamed: String = chunks
+        .iter()
+        .flat_map(|c| &c.choices)
+        .filter_map(|c| c.delta.content.as_deref())
+        .collect();
+    assert_eq!(streamed, text);
+    let usage = chunks.last().unwrap().usage.as_ref().expect("usage comes last");
+    assert_eq!(
+        usage.completion_tokens as u64,
+        whole["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+
+    // A function call, whole and streamed.
+    let ask = json!({"model": GEMINI, "messages": [{"role": "user", "content": "weather?"}], "tools": weather_tool()});
+    let (status, called) = post_json(&gw, &secret, &ask).await;
+    assert_eq!(status, 200, "{called}");
+    assert_eq!(called["choices"][0]["finish_reason"], "tool_calls", "{called}");
+    let call = &called["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather");
+    let follow_up = json!({"model": GEMINI, "tools": weather_tool(), "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "18 C"}
+    ]});
+    let (status, answer) = post_json(&gw, &secret, &follow_up).await;
+    assert_eq!(status, 200, "{answer}");
+
+    // Anthropic's SDK shape, streamed from Gemini.
+    let raw = post_messages(&gw, &secret, &messages_body(GEMINI, true, json!({})))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let names: Vec<String> = named_events(&raw).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names.first().map(String::as_str), Some("message_start"), "{raw}");
+    assert_eq!(names.last().map(String::as_str), Some("message_stop"), "{raw}");
+
+    // Billed from Gemini's usageMetadata at gemini-2.5-flash's prices ($0.30 in, $2.50 out).
+    let records = admin.usage_until(&account, |r| r.len() == 5).await;
+    for r in &records {
+        let (input, output) = (
+            r["input_tokens"].as_u64().unwrap(),
+            r["output_tokens"].as_u64().unwrap(),
+        );
+        assert!(input > 0 && output > 0 && r["estimated"] == false, "{r}");
+        let price = komilion::catalog::Catalog::embedded().get(GEMINI).unwrap().price;
+        assert_eq!(
+            r["cost_nano_usd"].as_i64(),
+            Some(komilion::money::token_cost(input, price.input) + komilion::money::token_cost(output, price.output)),
+            "{r}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_azure_deployment_is_spliced_like_openai_on_its_own_url() {
+    let mock = simulated(Behavior::default()).await;
+    let gw = GatewayProcess::start(
+        &[
+            ProviderSpec::new("azure", format!("http://{}", mock.addr()), &["gpt-4o-mini"])
+                .of_kind("azure")
+                .with("    api_version: \"2024-10-21\"\n    deployments: {gpt-4o-mini: prod-mini}\n"),
+        ],
+        "",
+    );
+    for stream in [false, true] {
+        let resp = post_chat(&gw, CLIENT_KEY, chat_body("gpt-4o-mini", "hello", stream).to_string()).await;
+        assert_eq!(resp.status(), 200);
+        assert!(resp.text().await.unwrap().contains("Echo: hello"));
+        let seen = mock.recorded().pop().unwrap();
+        assert_eq!(
+            seen.path,
+            "/openai/deployments/prod-mini/chat/completions?api-version=2024-10-21"
+        );
+        assert_eq!(seen.header("api-key"), Some(PROVIDER_KEY));
+        assert_eq!(seen.header("authorization"), None);
+    }
+    // The Messages surface reaches it too.
+    let resp = post_messages(&gw, CLIENT_KEY, &messages_body("gpt-4o-mini", false, json!({}))).await;
+    let (status, message) = status_and_json(resp).await;
+    assert_eq!(status, 200, "{message}");
+    assert_eq!(message["type"], "message");
 }

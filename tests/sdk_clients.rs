@@ -56,6 +56,12 @@ async fn the_official_sdks_work_against_every_provider_format() {
             ProviderSpec::new("compatible", mock.base_url(), &["gpt-4o-mini"]),
             ProviderSpec::new("overloaded", failing.base_url(), &["claude-haiku-4-5"]).of_kind("anthropic"),
             ProviderSpec::new("limited", failing.base_url(), &["gpt-4.1-nano"]),
+            ProviderSpec::new(
+                "google",
+                format!("http://{}/v1beta", mock.addr()),
+                &["gemini-2.5-flash"],
+            )
+            .of_kind("gemini"),
         ],
         "",
     );
@@ -65,5 +71,7 @@ async fn the_official_sdks_work_against_every_provider_format() {
         run_sdk("anthropic_sdk.py", gw_ref, "claude-sonnet-4-5", "claude-haiku-4-5");
         run_sdk("anthropic_sdk.py", gw_ref, "gpt-4o-mini", "gpt-4.1-nano");
         run_sdk("openai_sdk.py", gw_ref, "claude-sonnet-4-5", "claude-haiku-4-5");
+        run_sdk("anthropic_sdk.py", gw_ref, "gemini-2.5-flash", "claude-haiku-4-5");
+        run_sdk("openai_sdk.py", gw_ref, "gemini-2.5-flash", "gpt-4.1-nano");
     });
 }

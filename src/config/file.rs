@@ -24,10 +24,11 @@ pub struct FileConfig {
     pub alerts: Option<AlertsSection>,
     /// A catalog file replacing the embedded one.
     pub catalog: Option<String>,
+    pub fallback: FallbackSection,
 }
 
 impl FileConfig {
-    const SECTIONS: [&'static str; 12] = [
+    const SECTIONS: [&'static str; 13] = [
         "server",
         "listen",
         "limits",
@@ -40,6 +41,7 @@ impl FileConfig {
         "wallets",
         "alerts",
         "catalog",
+        "fallback",
     ];
 
     pub fn from_json(json: &Json, issues: &mut Vec<ConfigIssue>) -> FileConfig {
@@ -67,6 +69,7 @@ impl FileConfig {
             usage: section(obj, "usage", issues),
             wallets: section(obj, "wallets", issues),
             alerts: section(obj, "alerts", issues),
+            fallback: section(obj, "fallback", issues),
             catalog: section(obj, "catalog", issues),
         }
     }
@@ -259,6 +262,15 @@ pub struct ProviderSection {
     pub models: Vec<String>,
     #[serde(default)]
     pub timeouts: TimeoutsSection,
+    /// When this provider is skipped for failing (per model).
+    #[serde(default)]
+    pub breaker: BreakerSection,
+    /// `azure`: the `api-version` of its requests (default `2024-10-21`).
+    #[serde(default)]
+    pub api_version: Option<String>,
+    /// `azure`: the deployment serving each model (a model not listed is its own deployment).
+    #[serde(default)]
+    pub deployments: std::collections::BTreeMap<String, String>,
     /// Prices of this provider's models (USD per million tokens, decimal strings), for models the
     /// catalog does not price or that this provider sells at another price.
     #[serde(default)]
@@ -316,6 +328,9 @@ pub struct TimeoutsSection {
     pub first_byte_ms: u64,
     /// Longest silence between two reads of the response body.
     pub idle_ms: u64,
+    /// Longest whole exchange, from sending the request to the answer's last byte (a long
+    /// reasoning stream included).
+    pub total_ms: u64,
 }
 
 impl Default for TimeoutsSection {
@@ -324,6 +339,55 @@ impl Default for TimeoutsSection {
             connect_ms: 5_000,
             first_byte_ms: 600_000,
             idle_ms: 300_000,
+            total_ms: 1_800_000,
+        }
+    }
+}
+
+/// A provider's circuit breaker (per model): it opens after `consecutive_failures` failures
+/// in a row, or when `error_rate_percent` of at least `min_requests` attempts within
+/// `window_ms` failed; requests then skip the provider for `cooldown_ms`, after which one
+/// probe decides. A 429's `retry-after` (up to `max_retry_after_ms`) opens it for that long.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerSection {
+    pub consecutive_failures: u32,
+    pub error_rate_percent: u32,
+    pub min_requests: u32,
+    pub window_ms: u64,
+    pub cooldown_ms: u64,
+    pub max_retry_after_ms: u64,
+}
+
+impl Default for BreakerSection {
+    fn default() -> Self {
+        BreakerSection {
+            consecutive_failures: 5,
+            error_rate_percent: 50,
+            min_requests: 20,
+            window_ms: 60_000,
+            cooldown_ms: 30_000,
+            max_retry_after_ms: 300_000,
+        }
+    }
+}
+
+/// How far one request goes down its candidates before it is answered with the last error.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FallbackSection {
+    /// Providers tried at most (candidates skipped by an open breaker do not count).
+    pub max_attempts: u32,
+    /// Time from the request's arrival within which an answer must have started; no further
+    /// candidate is tried past it, and each attempt's first-byte wait is cut to what is left.
+    pub deadline_ms: u64,
+}
+
+impl Default for FallbackSection {
+    fn default() -> Self {
+        FallbackSection {
+            max_attempts: 3,
+            deadline_ms: 600_000,
         }
     }
 }

@@ -50,6 +50,11 @@ pub struct ProviderConfig {
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
+    pub total_timeout: Duration,
+    pub breaker: crate::providers::breaker::BreakerConfig,
+    /// `azure`: the API version and each model's deployment.
+    pub api_version: Option<String>,
+    pub deployments: std::collections::HashMap<String, String>,
     /// This provider's own prices, by model.
     pub prices: std::collections::HashMap<String, crate::catalog::ModelPrice>,
     pub unpriced: UnpricedPolicy,
@@ -83,6 +88,14 @@ pub struct Config {
     pub wallets: crate::billing::wallet::WalletSettings,
     pub alerts: Option<Alerts>,
     pub catalog: crate::catalog::Catalog,
+    pub fallback: FallbackLimits,
+}
+
+/// How far one request goes down its candidates (the `fallback` section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FallbackLimits {
+    pub max_attempts: usize,
+    pub deadline: Duration,
 }
 
 /// Alert rules and where they go.
@@ -251,7 +264,24 @@ impl Config {
             wallets,
             alerts,
             catalog,
+            fallback: validate_fallback(&file.fallback, issues),
         }
+    }
+}
+
+fn validate_fallback(f: &file::FallbackSection, issues: &mut Vec<ConfigIssue>) -> FallbackLimits {
+    if f.max_attempts == 0 {
+        issues.push(ConfigIssue::new("fallback.max_attempts", "must be at least 1"));
+    }
+    if !(1..=MAX_LIMIT_MS).contains(&f.deadline_ms) {
+        issues.push(ConfigIssue::new(
+            "fallback.deadline_ms",
+            format!("must be between 1 and {MAX_LIMIT_MS}"),
+        ));
+    }
+    FallbackLimits {
+        max_attempts: f.max_attempts.max(1) as usize,
+        deadline: Duration::from_millis(f.deadline_ms.clamp(1, MAX_LIMIT_MS)),
     }
 }
 
@@ -335,13 +365,16 @@ fn validate_provider(p: ProviderSection, at: &str, issues: &mut Vec<ConfigIssue>
             "must be non-empty and contain no `/`",
         ));
     }
-    if !matches!(p.kind, ProviderKind::Openai | ProviderKind::Anthropic) {
+    if p.kind == ProviderKind::Cohere {
         issues.push(ConfigIssue::new(
             format!("{at}.kind"),
-            format!(
-                "provider kind `{}` is not supported yet (supported: openai, anthropic)",
-                p.kind.as_str()
-            ),
+            "provider kind `cohere` is not supported yet (supported: openai, anthropic, gemini, azure)",
+        ));
+    }
+    if p.kind != ProviderKind::Azure && (p.api_version.is_some() || !p.deployments.is_empty()) {
+        issues.push(ConfigIssue::new(
+            format!("{at}.api_version"),
+            "`api_version` and `deployments` are for `kind: azure` providers",
         ));
     }
     if p.api_key.is_empty() {
@@ -376,17 +409,42 @@ fn validate_provider(p: ProviderSection, at: &str, issues: &mut Vec<ConfigIssue>
         ));
     }
     for (field, ms) in [
-        ("connect_ms", p.timeouts.connect_ms),
-        ("first_byte_ms", p.timeouts.first_byte_ms),
-        ("idle_ms", p.timeouts.idle_ms),
+        ("timeouts.connect_ms", p.timeouts.connect_ms),
+        ("timeouts.first_byte_ms", p.timeouts.first_byte_ms),
+        ("timeouts.idle_ms", p.timeouts.idle_ms),
+        ("timeouts.total_ms", p.timeouts.total_ms),
+        ("breaker.window_ms", p.breaker.window_ms),
+        ("breaker.cooldown_ms", p.breaker.cooldown_ms),
+        ("breaker.max_retry_after_ms", p.breaker.max_retry_after_ms),
     ] {
-        if ms == 0 {
+        if !(1..=MAX_LIMIT_MS).contains(&ms) {
             issues.push(ConfigIssue::new(
-                format!("{at}.timeouts.{field}"),
-                "must be greater than 0",
+                format!("{at}.{field}"),
+                format!("must be between 1 and {MAX_LIMIT_MS}"),
             ));
         }
     }
+    if p.breaker.consecutive_failures == 0 {
+        issues.push(ConfigIssue::new(
+            format!("{at}.breaker.consecutive_failures"),
+            "must be at least 1",
+        ));
+    }
+    if !(1..=100).contains(&p.breaker.error_rate_percent) {
+        issues.push(ConfigIssue::new(
+            format!("{at}.breaker.error_rate_percent"),
+            "must be between 1 and 100",
+        ));
+    }
+    let ms = |ms: u64| Duration::from_millis(ms.clamp(1, MAX_LIMIT_MS));
+    let breaker = crate::providers::breaker::BreakerConfig {
+        consecutive_failures: p.breaker.consecutive_failures.max(1),
+        error_rate_percent: p.breaker.error_rate_percent.clamp(1, 100),
+        min_requests: p.breaker.min_requests.max(1),
+        window: ms(p.breaker.window_ms),
+        cooldown: ms(p.breaker.cooldown_ms),
+        max_retry_after: ms(p.breaker.max_retry_after_ms),
+    };
     let mut prices = std::collections::HashMap::new();
     for (model, price) in &p.prices {
         let at = format!("{at}.prices.{model}");
@@ -415,9 +473,13 @@ fn validate_provider(p: ProviderSection, at: &str, issues: &mut Vec<ConfigIssue>
         kind: p.kind,
         api_key: p.api_key,
         models: p.models,
-        connect_timeout: Duration::from_millis(p.timeouts.connect_ms),
-        first_byte_timeout: Duration::from_millis(p.timeouts.first_byte_ms),
-        idle_timeout: Duration::from_millis(p.timeouts.idle_ms),
+        connect_timeout: ms(p.timeouts.connect_ms),
+        first_byte_timeout: ms(p.timeouts.first_byte_ms),
+        idle_timeout: ms(p.timeouts.idle_ms),
+        total_timeout: ms(p.timeouts.total_ms),
+        breaker,
+        api_version: p.api_version,
+        deployments: p.deployments.into_iter().collect(),
     })
 }
 
@@ -516,7 +578,7 @@ providers:
     api_key: ${MISSING_VAR}
     colour: blue
   - name: b
-    kind: gemini
+    kind: cohere
     base_url: http://localhost:1/v1
     api_key: k
 typo: 1

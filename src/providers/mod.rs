@@ -10,10 +10,14 @@
 //! and relayed byte for byte); its adapter exists for the other surfaces.
 
 pub mod anthropic;
+pub mod azure;
+pub mod breaker;
+pub mod byok;
+pub mod gemini;
 pub mod openai;
 pub mod translate;
 
-use crate::config::ProviderKind;
+use crate::config::{ProviderConfig, ProviderKind};
 use crate::formats::canonical::{Answer, Event, Request};
 use crate::sse::SseEvent;
 use komilion_sdk::ApiError;
@@ -23,6 +27,18 @@ pub trait ProviderAdapter: Send + Sync {
     /// The request target of a chat request for `model` (`base_path` is the configured base
     /// URL's path, e.g. `/v1`).
     fn chat_target(&self, base_path: &str, model: &str, stream: bool) -> String;
+
+    /// The target depends on the model or on streaming (Gemini, Azure deployments): built per
+    /// request instead of once.
+    fn target_names_model(&self) -> bool {
+        false
+    }
+
+    /// The provider reads and writes OpenAI's chat completions as they are (OpenAI, Azure,
+    /// every OpenAI-compatible server): the OpenAI surface splices instead of translating.
+    fn speaks_openai_chat(&self) -> bool {
+        false
+    }
 
     /// The credential headers for `api_key`, plus any header the API requires.
     fn auth_headers(&self, api_key: &str) -> Vec<(&'static str, String)>;
@@ -46,13 +62,21 @@ pub trait ProviderAdapter: Send + Sync {
 pub trait StreamDecoder: Send {
     /// Decode one complete event; an error means the stream cannot be trusted any further.
     fn decode(&mut self, event: &SseEvent<'_>, out: &mut Vec<Event>) -> Result<(), String>;
+
+    /// The upstream ended its stream cleanly: a format without an end event (Gemini) says
+    /// here that the answer is complete.
+    fn finish(&mut self, _out: &mut Vec<Event>) {}
 }
 
-/// The adapter for a provider kind, or None for `openai` on the OpenAI surface (spliced).
-pub fn adapter_for(kind: ProviderKind) -> Option<Box<dyn ProviderAdapter>> {
-    match kind {
-        ProviderKind::Anthropic => Some(Box::new(anthropic::Anthropic)),
-        _ => None,
+/// The adapter for a provider.
+pub fn adapter_for(config: &ProviderConfig) -> Box<dyn ProviderAdapter> {
+    match config.kind {
+        ProviderKind::Openai => Box::new(openai::OpenAi),
+        ProviderKind::Anthropic => Box::new(anthropic::Anthropic),
+        ProviderKind::Gemini => Box::new(gemini::Gemini),
+        ProviderKind::Azure => Box::new(azure::Azure::new(config)),
+        // Refused by the config's validation until its adapter exists.
+        ProviderKind::Cohere => Box::new(openai::OpenAi),
     }
 }
 

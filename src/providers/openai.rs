@@ -21,6 +21,10 @@ impl ProviderAdapter for OpenAi {
         format!("{base_path}/chat/completions")
     }
 
+    fn speaks_openai_chat(&self) -> bool {
+        true
+    }
+
     fn auth_headers(&self, api_key: &str) -> Vec<(&'static str, String)> {
         vec![("authorization", format!("Bearer {api_key}"))]
     }

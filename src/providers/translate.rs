@@ -66,6 +66,9 @@ impl StreamTranslator {
         if !rest.iter().all(u8::is_ascii_whitespace) {
             self.translate(&rest, &mut out)?;
         }
+        self.events.clear();
+        self.decoder.finish(&mut self.events);
+        self.encode_events(&mut out);
         Ok(out)
     }
 
@@ -74,12 +77,16 @@ impl StreamTranslator {
         self.decoder
             .decode(&SseEvent::parse(raw), &mut self.events)
             .map_err(TranslateError::Malformed)?;
+        self.encode_events(out);
+        Ok(())
+    }
+
+    fn encode_events(&mut self, out: &mut Vec<u8>) {
         for event in &self.events {
             if let Event::Usage(usage) = event {
                 self.usage = Some(*usage);
             }
             self.encoder.encode(event, out);
         }
-        Ok(())
     }
 }

@@ -151,6 +151,8 @@ impl Gateway {
         let ex = &ctx.exchange;
         let model = ex.routed_model.as_deref().unwrap_or("");
         let cost = match ex.provider.as_deref() {
+            // Sent with the account's own provider key: the provider bills the account.
+            Some(_) if ctx.account_key_used => 0,
             Some(provider) => {
                 let price = self.pricing.price(provider, model).unwrap_or_default();
                 crate::metering::cost(&price, &ex.usage)

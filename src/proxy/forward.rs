@@ -12,6 +12,8 @@ use super::{Gateway, RequestCtx};
 use crate::metering::tokens::{count_chat_prompt, count_text};
 use crate::metering::usage_from_body;
 use crate::metrics::METRICS;
+use crate::providers::breaker::{Admission, Outcome};
+use crate::providers::byok::AccountKey;
 use crate::providers::translate::StreamTranslator;
 use crate::upstream::Upstream;
 use bytes::{Bytes, BytesMut};
@@ -19,10 +21,10 @@ use futures::FutureExt;
 use komilion_sdk::{
     ApiError, AttemptDecision, ChatRequest, ErrorKind, LocalResponse, RoutePlan, Surface, Timing, Usage,
 };
-use pingora::http::RequestHeader;
 use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Largest non-streamed upstream answer accepted (they are buffered to be checked whole).
@@ -144,6 +146,22 @@ struct StartedStream {
     first: Bytes,
     http: HttpSession,
     peer: HttpPeer,
+    limits: ReadLimits,
+}
+
+/// Where one attempt goes: the model, and the account's own key if it brought one.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    model: &'a str,
+    account_key: Option<&'a str>,
+}
+
+/// How long reading an answer may take: the longest silence, and when the whole exchange must
+/// be over (`timeouts.idle_ms` and `timeouts.total_ms`).
+#[derive(Debug, Clone, Copy)]
+struct ReadLimits {
+    idle: Duration,
+    ends_by: Instant,
 }
 
 /// Statuses worth trying another candidate for. A 401 or 403 is the provider refusing the
@@ -176,8 +194,11 @@ impl Gateway {
         // The request in no provider's format, decoded once if a candidate needs it.
         let mut canonical = None;
         let total = plan.candidates.len();
+        let deadline = ctx.exchange.timing.started + self.fallback.deadline;
         for (i, candidate) in plan.candidates.iter().enumerate() {
-            let is_last = i + 1 == total;
+            if ctx.exchange.attempts as usize >= self.fallback.max_attempts {
+                break;
+            }
             let Some(upstream) = self.upstreams.get(&candidate.provider) else {
                 last_error = Some(ApiError::new(
                     ErrorKind::BadGateway,
@@ -188,6 +209,44 @@ impl Gateway {
             if self.chain.on_attempt(candidate, &mut ctx.exchange).await == AttemptDecision::Skip {
                 continue;
             }
+            let Some(time_left) = deadline
+                .checked_duration_since(Instant::now())
+                .filter(|left| !left.is_zero())
+            else {
+                last_error = Some(
+                    ApiError::new(
+                        ErrorKind::GatewayTimeout,
+                        "No provider answered within the request's deadline.",
+                    )
+                    .with_code("upstream_timeout"),
+                );
+                break;
+            };
+            let breaker_model = self.models.metric_label(&candidate.model, &self.pricing);
+            if let Admission::Refused { retry_in, rate_limited } =
+                self.breakers.admit(upstream.name(), breaker_model, Instant::now())
+            {
+                METRICS.breaker_rejections.with_label_values(&[upstream.name()]).inc();
+                self.chain
+                    .on_upstream_failure(candidate, "breaker_open", &mut ctx.exchange);
+                last_error = Some(breaker_open(upstream.name(), retry_in, rate_limited));
+                continue;
+            }
+            // An account's own key for this provider replaces the operator's.
+            let account_key = match (&self.account_keys, &ctx.exchange.principal) {
+                (Some(keys), Some(principal)) => match keys.key_for(&principal.account_id, upstream.name()).await {
+                    Ok(key) => key,
+                    Err(e) => {
+                        last_error = Some(e);
+                        continue;
+                    }
+                },
+                _ => None,
+            };
+            let scrubber = match &account_key {
+                Some(key) => Arc::new(self.upstreams.scrubber.with_secret(key.expose())),
+                None => self.upstreams.scrubber.clone(),
+            };
             let body = match upstream_body(upstream, chat, &candidate.model, &mut canonical) {
                 Ok(body) => body,
                 Err(e) => {
@@ -197,10 +256,23 @@ impl Gateway {
                 }
             };
             ctx.exchange.attempts += 1;
+            // The last candidate, or the last attempt allowed: its answer, even an error, is
+            // the client's.
+            let is_last = i + 1 == total || ctx.exchange.attempts as usize >= self.fallback.max_attempts;
             ctx.exchange.provider = Some(candidate.provider.clone());
             ctx.exchange.routed_model = Some(candidate.model.clone());
             let mut answer = match self
-                .attempt(upstream, chat.stream, body, &mut ctx.exchange.timing)
+                .attempt(
+                    upstream,
+                    Target {
+                        model: &candidate.model,
+                        account_key: account_key.as_ref().map(AccountKey::expose),
+                    },
+                    chat.stream,
+                    body,
+                    time_left,
+                    &mut ctx.exchange.timing,
+                )
                 .await
             {
                 Ok(answer) => answer,
@@ -209,6 +281,9 @@ impl Gateway {
                         .upstream_errors
                         .with_label_values(&[upstream.name(), e.kind()])
                         .inc();
+                    self.breakers
+                        .record(upstream.name(), breaker_model, Outcome::Failure, Instant::now());
+                    self.chain.on_upstream_failure(candidate, e.kind(), &mut ctx.exchange);
                     tracing::debug!(provider = upstream.name(), request_id = %ctx.exchange.request_id, "attempt failed: {e:?}");
                     if !is_last {
                         METRICS.fallbacks.with_label_values(&[upstream.name()]).inc();
@@ -222,6 +297,12 @@ impl Gateway {
                 Answer::Stream(_) => 200,
             };
             self.chain.on_upstream_status(candidate, status, &mut ctx.exchange);
+            let outcome = match &answer {
+                Answer::Whole { headers, .. } => outcome_of(status, headers),
+                Answer::Stream(_) => Outcome::Success,
+            };
+            self.breakers
+                .record(upstream.name(), breaker_model, outcome, Instant::now());
             if let Answer::Whole {
                 body,
                 status: client_status,
@@ -233,7 +314,7 @@ impl Gateway {
                     // An error body may quote a credential: masked once, for the client and for
                     // the log (a successful answer is relayed byte for byte). Loud for what an
                     // operator must act on, quiet for a client's own mistakes.
-                    *body = self.upstreams.scrubber.scrub_body(std::mem::take(body));
+                    *body = scrubber.scrub_body(std::mem::take(body));
                     let masked = String::from_utf8_lossy(&body[..body.len().min(4096)]);
                     if status >= 500 || status == 401 || status == 403 {
                         tracing::warn!(provider = upstream.name(), request_id = %ctx.exchange.request_id, status, "the provider answered an error: {masked}");
@@ -241,9 +322,9 @@ impl Gateway {
                         tracing::debug!(provider = upstream.name(), request_id = %ctx.exchange.request_id, status, "the provider answered an error: {masked}");
                     }
                 }
-                if let Some(adapter) = &upstream.adapter {
+                if let Some(adapter) = upstream.translator() {
                     // Another format's answer: the client gets its own surface's.
-                    match translate_whole(adapter.as_ref(), status, body, &candidate.model, ctx.exchange.surface) {
+                    match translate_whole(adapter, status, body, &candidate.model, ctx.exchange.surface) {
                         Ok((translated, usage)) => {
                             *client_status = translated.0;
                             *body = translated.1;
@@ -283,6 +364,7 @@ impl Gateway {
                     continue;
                 }
             }
+            ctx.account_key_used = account_key.is_some();
             match answer {
                 Answer::Whole {
                     status,
@@ -291,7 +373,7 @@ impl Gateway {
                     headers,
                 } => {
                     ctx.provider_headers = headers;
-                    if (200..300).contains(&status) && upstream.adapter.is_none() {
+                    if (200..300).contains(&status) && upstream.translator().is_none() {
                         ctx.exchange.usage =
                             usage_from_body(&body).unwrap_or_else(|| estimate_whole(chat, &candidate.model, &body));
                     } else if (200..300).contains(&status) && ctx.exchange.usage == Usage::default() {
@@ -307,7 +389,10 @@ impl Gateway {
                     // `send_body` spools the record before the client can see the answer end.
                     self.send_body(session, ctx, status, &content_type, body).await;
                 }
-                Answer::Stream(started) => self.relay_stream(session, ctx, upstream, chat, *started).await,
+                Answer::Stream(started) => {
+                    self.relay_stream(session, ctx, upstream, chat, *started, scrubber)
+                        .await
+                }
             }
             return Ok(());
         }
@@ -323,13 +408,18 @@ impl Gateway {
     async fn attempt(
         &self,
         upstream: &Upstream,
+        target: Target<'_>,
         stream: bool,
         body: Bytes,
+        time_left: Duration,
         timing: &mut Timing,
     ) -> Result<Answer, AttemptError> {
         let peer = upstream.peer().ok_or(AttemptError::NoAddress)?;
         let started = Instant::now();
-        let sent = self.send(upstream, &peer, stream, body).await;
+        // The whole exchange, a long stream included, ends by this time.
+        let ends_by = started + upstream.config.total_timeout;
+        let first_byte = upstream.config.first_byte_timeout.min(time_left);
+        let sent = self.send(upstream, target, &peer, stream, body, first_byte).await;
         let ttfb = started.elapsed();
         timing.upstream_wait += ttfb;
         let mut http = sent?;
@@ -356,19 +446,23 @@ impl Gateway {
                 )))
             }
         };
-        let idle = upstream.config.idle_timeout;
+        let limits = ReadLimits {
+            idle: upstream.config.idle_timeout,
+            ends_by,
+        };
         if status == 200 && content_type.starts_with("text/event-stream") {
-            let first = read_piece(&mut http, idle, timing).await?.unwrap_or_default();
+            let first = read_piece(&mut http, limits, timing).await?.unwrap_or_default();
             return Ok(Answer::Stream(Box::new(StartedStream {
                 content_type,
                 headers,
                 first,
                 http,
                 peer,
+                limits,
             })));
         }
         let mut body = BodyBuffer::new(MAX_UPSTREAM_BODY, 0);
-        while let Some(piece) = read_piece(&mut http, idle, timing).await? {
+        while let Some(piece) = read_piece(&mut http, limits, timing).await? {
             body.push(piece).map_err(|_| AttemptError::TooLarge)?;
         }
         self.release(http, &peer).await;
@@ -384,11 +478,12 @@ impl Gateway {
     async fn send(
         &self,
         upstream: &Upstream,
+        target: Target<'_>,
         peer: &HttpPeer,
         stream: bool,
         body: Bytes,
+        ttfb: Duration,
     ) -> Result<HttpSession, AttemptError> {
-        let ttfb = upstream.config.first_byte_timeout;
         let mut round = 0;
         loop {
             let (mut http, reused) = self
@@ -396,7 +491,7 @@ impl Gateway {
                 .get_http_session(peer)
                 .await
                 .map_err(AttemptError::Connect)?;
-            let header = upstream_request_header(upstream, body.len(), stream);
+            let header = upstream.request_header(target.model, stream, body.len(), target.account_key);
             let exchange = async {
                 // Pingora flushes the header on its own: cork the socket so header and body
                 // leave together and the provider is woken once, not twice.
@@ -432,6 +527,7 @@ impl Gateway {
         upstream: &Upstream,
         chat: &ChatRequest,
         started: StartedStream,
+        scrubber: Arc<crate::upstream::scrub::Scrubber>,
     ) {
         let StartedStream {
             content_type,
@@ -439,6 +535,7 @@ impl Gateway {
             first,
             mut http,
             peer,
+            limits,
         } = started;
         ctx.provider_headers = headers;
         let Some(mut resp) = self.response_header(ctx, 200, &content_type) else {
@@ -462,15 +559,10 @@ impl Gateway {
             return;
         }
         // The gateway asked for the usage chunk; the client gets it only if it asked too.
-        let mut relay = StreamRelay::new(
-            !chat.include_usage,
-            &model,
-            self.stream_limits,
-            self.upstreams.scrubber.clone(),
-        );
-        if let Some(adapter) = &upstream.adapter {
+        let mut relay = StreamRelay::new(!chat.include_usage, &model, self.stream_limits, scrubber);
+        if let Some(adapter) = upstream.translator() {
             relay = relay.translating(StreamTranslator::new(
-                adapter.as_ref(),
+                adapter,
                 &model,
                 unix_now(),
                 self.stream_limits.max_event_bytes,
@@ -503,7 +595,7 @@ impl Gateway {
             // A piece already here is taken without waiting (Pingora's body read is cancel-safe:
             // a poll that finds nothing consumes nothing).
             let ready = if outbox.len() < OUTBOX_MAX {
-                read_piece(&mut http, upstream.config.idle_timeout, &mut ctx.exchange.timing).now_or_never()
+                read_piece(&mut http, limits, &mut ctx.exchange.timing).now_or_never()
             } else {
                 None
             };
@@ -526,7 +618,7 @@ impl Gateway {
                         self.finish_usage(ctx, 200);
                         return;
                     }
-                    read_piece(&mut http, upstream.config.idle_timeout, &mut ctx.exchange.timing).await
+                    read_piece(&mut http, limits, &mut ctx.exchange.timing).await
                 }
             };
             match next {
@@ -554,6 +646,9 @@ impl Gateway {
                         .with_label_values(&[upstream.name(), e.kind()])
                         .inc();
                     tracing::warn!(provider = upstream.name(), request_id = %ctx.exchange.request_id, "stream ended early: {e:?}");
+                    let breaker_model = self.models.metric_label(&model, &self.pricing);
+                    self.breakers
+                        .record(upstream.name(), breaker_model, Outcome::Failure, Instant::now());
                     ctx.exchange.usage = stream_usage(&mut relay, chat, &model);
                     self.finish_usage(ctx, 200);
                     outbox.push(stream_error_event(
@@ -660,7 +755,7 @@ fn upstream_body(
     model: &str,
     canonical: &mut Option<crate::formats::canonical::Request>,
 ) -> Result<Bytes, ApiError> {
-    let Some(adapter) = &upstream.adapter else {
+    let Some(adapter) = upstream.translator() else {
         chat.set_upstream_model(model);
         // Usage comes from the provider's own figures: ask for the stream's usage chunk
         // (the relay removes it again if the client did not ask), unless this provider
@@ -702,7 +797,7 @@ fn as_messages_answer(upstream: &Upstream, status: u16, body: Bytes, model: &str
     use crate::providers::ProviderAdapter;
     let openai = crate::providers::openai::OpenAi;
     if !(200..300).contains(&status) {
-        if upstream.adapter.is_some() {
+        if upstream.translator().is_some() {
             return (status, body);
         }
         let error = openai.decode_error(status, &body);
@@ -728,6 +823,58 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// What an answer's status says about the provider's health, for its breaker.
+fn outcome_of(status: u16, headers: &ProviderHeaders) -> Outcome {
+    match status {
+        429 => Outcome::RateLimited {
+            retry_after: retry_after(headers),
+        },
+        401 | 403 => Outcome::Failure,
+        s if s >= 500 => Outcome::Failure,
+        _ => Outcome::Success,
+    }
+}
+
+/// The wait a provider asked for: `retry-after-ms`, else `retry-after` in seconds (an HTTP date
+/// is not honoured: the breaker's cooldown applies instead).
+fn retry_after(headers: &ProviderHeaders) -> Option<Duration> {
+    let value = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n.as_str() == name)
+            .and_then(|(_, v)| v.to_str().ok())
+            .map(str::trim)
+    };
+    if let Some(ms) = value("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        return (ms.is_finite() && ms > 0.0).then(|| Duration::from_millis(ms.min(1e12) as u64));
+    }
+    value("retry-after")
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+/// A candidate skipped by its open breaker; the client learns when to come back. A provider
+/// that said "retry after" is a rate limit to the client too (its SDK backs off), one that keeps
+/// failing is unavailable.
+fn breaker_open(provider: &str, retry_in: Duration, rate_limited: bool) -> ApiError {
+    let ms = (retry_in.as_millis() as u64).max(1);
+    let secs = ms.div_ceil(1000);
+    let error = if rate_limited {
+        ApiError::new(
+            ErrorKind::RateLimited,
+            format!("The provider `{provider}` asked for a pause; it is tried again in {secs} s."),
+        )
+        .with_code("rate_limit_exceeded")
+    } else {
+        ApiError::new(
+            ErrorKind::Unavailable,
+            format!("The provider `{provider}` is failing and is skipped for now; it is tried again in {secs} s."),
+        )
+        .with_code("provider_unavailable")
+    };
+    error.with_retry_after_ms(ms)
 }
 
 /// A JSON answer without usage: count its prompt and message text.
@@ -766,33 +913,21 @@ fn cork(stream: Option<&pingora::protocols::Stream>, on: bool) {
     let _ = (stream, on);
 }
 
-/// Read the next piece of the upstream body within the idle timeout.
+/// Read the next piece of the upstream body within the idle timeout and the exchange's total.
 async fn read_piece(
     http: &mut HttpSession,
-    idle: Duration,
+    limits: ReadLimits,
     timing: &mut Timing,
 ) -> Result<Option<Bytes>, AttemptError> {
     let started = Instant::now();
-    let read = pingora::time::timeout(idle, http.read_response_body()).await;
+    let wait = limits.idle.min(limits.ends_by.saturating_duration_since(started));
+    let read = pingora::time::timeout(wait, http.read_response_body()).await;
     timing.upstream_wait += started.elapsed();
     match read {
         Ok(Ok(piece)) => Ok(piece),
         Ok(Err(e)) => Err(AttemptError::Lost(e)),
         Err(_) => Err(AttemptError::Timeout),
     }
-}
-
-/// The request header for one attempt: the provider's template plus this body's length.
-fn upstream_request_header(upstream: &Upstream, body_len: usize, stream: bool) -> Box<RequestHeader> {
-    let mut req = upstream.chat_request.clone();
-    let accept = if stream {
-        "text/event-stream"
-    } else {
-        "application/json"
-    };
-    let _ = req.insert_header(http::header::ACCEPT, accept);
-    let _ = req.insert_header(http::header::CONTENT_LENGTH, body_len);
-    Box::new(req)
 }
 
 /// The last events of a stream whose upstream died: an error the client's SDK raises, then

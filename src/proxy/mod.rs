@@ -57,6 +57,12 @@ pub struct Gateway {
     pub billing: Option<Billing>,
     /// The store, for a key holder's usage export.
     pub store: Option<crate::store::cache::StoreSlot>,
+    /// Which providers are skipped for failing.
+    pub breakers: Arc<crate::providers::breaker::Breakers>,
+    /// How far a request goes down its candidates.
+    pub fallback: crate::config::FallbackLimits,
+    /// Accounts' own provider keys, when the store and a master key are configured.
+    pub account_keys: Option<Arc<crate::providers::byok::AccountKeys>>,
 }
 
 /// Per-request state (Pingora's CTX).
@@ -73,6 +79,9 @@ pub struct RequestCtx {
     pub hold: Option<crate::billing::wallet::Hold>,
     /// The usage record was written.
     pub recorded: bool,
+    /// The answer came with the account's own provider key: the provider bills the account,
+    /// the wallet is not charged for the tokens.
+    pub account_key_used: bool,
     /// Headers of the provider's answer that the client gets too (see [`forward`]).
     pub provider_headers: forward::ProviderHeaders,
     _in_flight: InFlight,
@@ -122,6 +131,7 @@ impl ProxyHttp for Gateway {
             client_gone: false,
             hold: None,
             recorded: false,
+            account_key_used: false,
             provider_headers: Vec::new(),
             _in_flight: InFlight::enter(),
         }
@@ -144,6 +154,7 @@ impl ProxyHttp for Gateway {
             Route::Messages => self.messages(session, ctx).await,
             Route::CountTokens => self.count_tokens(session, ctx).await,
             Route::Models => self.list_models(session, ctx).await,
+            Route::Model => self.one_model(session, ctx).await,
             Route::StripeWebhook => self.stripe_webhook(session, ctx).await,
             Route::Usage => self.own_usage(session, ctx).await,
             Route::MethodNotAllowed(allow) => {
@@ -335,6 +346,33 @@ impl Gateway {
             }
             Err(_) => Ok(()),
         }
+    }
+
+    /// `GET /v1/models/{id}`: one model the caller may use, as OpenAI describes it.
+    async fn one_model(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), LocalResponse> {
+        self.authorize(session, ctx).await?;
+        let path = session.req_header().uri.path();
+        let raw = path
+            .split_once("/models/")
+            .map_or("", |(_, id)| id)
+            .trim_end_matches('/');
+        let id = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+        let found = self
+            .models
+            .list(ctx.exchange.principal.as_ref())
+            .find(|(model, _)| *model == id)
+            .map(|(model, provider)| {
+                serde_json::json!({"id": model, "object": "model", "created": self.models.created, "owned_by": provider})
+            });
+        let Some(model) = found else {
+            // The client's own text, echoed: bounded and without control characters.
+            let shown: String = id.chars().filter(|c| !c.is_control()).take(256).collect();
+            return Err(ApiError::model_not_found(&shown).into());
+        };
+        let body = serde_json::to_vec(&model).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        self.send_body(session, ctx, 200, "application/json", Bytes::from(body))
+            .await;
+        Ok(())
     }
 
     async fn list_models(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), LocalResponse> {

@@ -13,6 +13,8 @@ pub enum Route {
     CountTokens,
     /// `GET /v1/models`
     Models,
+    /// `GET /v1/models/{id}`
+    Model,
     /// `POST /webhooks/stripe`
     StripeWebhook,
     /// `GET /v1/usage`: a key holder's own usage export.
@@ -44,6 +46,13 @@ impl Route {
             "/messages" | "/messages/count_tokens" => Route::MethodNotAllowed("POST"),
             "/models" if method == Method::GET || method == Method::HEAD => Route::Models,
             "/models" => Route::MethodNotAllowed("GET"),
+            _ if path.len() > "/models/".len() && path.starts_with("/models/") => {
+                if method == Method::GET || method == Method::HEAD {
+                    Route::Model
+                } else {
+                    Route::MethodNotAllowed("GET")
+                }
+            }
             "/usage" if method == Method::GET => Route::Usage,
             "/usage" => Route::MethodNotAllowed("GET"),
             _ => Route::NotFound,
@@ -69,7 +78,7 @@ impl Route {
             Route::ChatCompletions => "chat_completions",
             Route::Messages => "messages",
             Route::CountTokens => "count_tokens",
-            Route::Models => "models",
+            Route::Models | Route::Model => "models",
             Route::StripeWebhook => "stripe_webhook",
             Route::Usage => "usage",
             Route::MethodNotAllowed(_) => "method_not_allowed",
@@ -93,6 +102,12 @@ mod tests {
         assert_eq!(Route::of(&Method::GET, "/v1/models"), Route::Models);
         assert_eq!(Route::of(&Method::GET, "/v2/models"), Route::NotFound);
         assert_eq!(Route::of(&Method::POST, "/v1/messages"), Route::Messages);
+        assert_eq!(Route::of(&Method::GET, "/v1/models/gpt-4o"), Route::Model);
+        assert_eq!(Route::of(&Method::GET, "/v1/models/"), Route::Models);
+        assert_eq!(
+            Route::of(&Method::DELETE, "/v1/models/x"),
+            Route::MethodNotAllowed("GET")
+        );
         assert_eq!(
             Route::of(&Method::POST, "/v1/messages/count_tokens"),
             Route::CountTokens

@@ -32,9 +32,8 @@ pub struct Upstream {
     /// The request header of a chat request, built once: per request it is cloned and given
     /// its length and `accept`.
     pub chat_request: RequestHeader,
-    /// How to speak this provider's format; None for OpenAI's, which the OpenAI surface
-    /// splices byte for byte.
-    pub adapter: Option<Box<dyn ProviderAdapter>>,
+    /// This provider's API format: its request targets, credential headers and codecs.
+    pub format: Box<dyn ProviderAdapter>,
     peers: ArcSwap<Vec<HttpPeer>>,
     next: AtomicUsize,
 }
@@ -47,12 +46,12 @@ impl Upstream {
         } else {
             format!("{}:{}", bracket_v6(&config.host), config.port)
         };
-        let adapter = crate::providers::adapter_for(config.kind);
-        let chat_request = chat_request_template(&config, adapter.as_deref(), &host_header)
+        let format = crate::providers::adapter_for(&config);
+        let chat_request = chat_request_template(&config, format.as_ref(), &host_header)
             .map_err(|e| format!("provider `{}`: cannot build its request header: {e}", config.name))?;
         let upstream = Upstream {
             chat_request,
-            adapter,
+            format,
             host_header,
             peers: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
@@ -77,6 +76,45 @@ impl Upstream {
 
     pub fn kind(&self) -> ProviderKind {
         self.config.kind
+    }
+
+    /// The adapter that translates for this provider, or None when the OpenAI surface splices
+    /// (the provider speaks OpenAI's chat completions).
+    pub fn translator(&self) -> Option<&dyn ProviderAdapter> {
+        (!self.format.speaks_openai_chat()).then_some(self.format.as_ref())
+    }
+
+    /// The request header of one chat request: the template, with this request's target when
+    /// the format names the model in it, the account's own key when it brought one, its length
+    /// and `accept`.
+    pub fn request_header(
+        &self,
+        model: &str,
+        stream: bool,
+        body_len: usize,
+        account_key: Option<&str>,
+    ) -> Box<RequestHeader> {
+        let mut req = self.chat_request.clone();
+        if let Some(key) = account_key {
+            for (name, value) in self.format.auth_headers(key) {
+                let _ = req.insert_header(name, value);
+            }
+        }
+        if self.format.target_names_model() {
+            let target = self.format.chat_target(&self.config.base_path, model, stream);
+            match http::Uri::try_from(target) {
+                Ok(uri) => req.set_uri(uri),
+                Err(e) => tracing::warn!(provider = self.name(), "cannot build the request target: {e}"),
+            }
+        }
+        let accept = if stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        };
+        let _ = req.insert_header(http::header::ACCEPT, accept);
+        let _ = req.insert_header(http::header::CONTENT_LENGTH, body_len);
+        Box::new(req)
     }
 
     /// True when the configured host is an IP address (nothing to refresh).
@@ -131,24 +169,15 @@ impl Upstream {
 /// provider.
 fn chat_request_template(
     config: &ProviderConfig,
-    adapter: Option<&dyn ProviderAdapter>,
+    format: &dyn ProviderAdapter,
     host_header: &str,
 ) -> pingora::Result<RequestHeader> {
-    // Targets that name the model (Gemini, Azure deployments) will be built per request; the
-    // formats served today have one target per provider.
-    let path = match adapter {
-        Some(adapter) => adapter.chat_target(&config.base_path, "", false),
-        None => format!("{}/chat/completions", config.base_path),
-    };
+    // A target that names the model is replaced per request (`Upstream::request_header`).
+    let path = format.chat_target(&config.base_path, "", false);
     let mut req = RequestHeader::build_no_case(http::Method::POST, path.as_bytes(), Some(8))?;
     req.insert_header(http::header::HOST, host_header)?;
-    match adapter {
-        Some(adapter) => {
-            for (name, value) in adapter.auth_headers(&config.api_key) {
-                req.insert_header(name, value)?;
-            }
-        }
-        None => req.insert_header(http::header::AUTHORIZATION, format!("Bearer {}", config.api_key))?,
+    for (name, value) in format.auth_headers(&config.api_key) {
+        req.insert_header(name, value)?;
     }
     req.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     req.insert_header(http::header::ACCEPT_ENCODING, "identity")?;

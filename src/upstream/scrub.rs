@@ -49,6 +49,12 @@ impl Scrubber {
         Scrubber { secrets }
     }
 
+    /// This scrubber with one more exact secret (an account's own provider key, for the
+    /// requests sent with it).
+    pub fn with_secret(&self, secret: &str) -> Scrubber {
+        Scrubber::new(self.secrets.iter().map(String::as_str).chain(std::iter::once(secret)))
+    }
+
     /// `text` with every secret masked; borrowed back unchanged when there was nothing to mask.
     pub fn scrub<'t>(&self, text: &'t str) -> Cow<'t, str> {
         let mut ranges = Vec::new();

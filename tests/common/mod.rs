@@ -53,6 +53,8 @@ pub struct ProviderSpec {
     pub base_url: String,
     pub models: Vec<String>,
     pub first_byte_ms: u64,
+    /// `timeouts.total_ms`: the whole exchange.
+    pub total_ms: u64,
     /// More keys of the provider entry, as YAML lines indented by four spaces.
     pub extra: String,
 }
@@ -77,6 +79,7 @@ impl ProviderSpec {
             base_url,
             models: models.iter().map(|m| m.to_string()).collect(),
             first_byte_ms: 10_000,
+            total_ms: 1_800_000,
             extra: String::new(),
         }
     }
@@ -145,12 +148,13 @@ impl GatewayProcess {
         );
         for p in providers {
             yaml.push_str(&format!(
-                "  - name: {}\n    kind: {}\n    base_url: {}\n    api_key: ${{TEST_PROVIDER_KEY}}\n    models: [{}]\n    timeouts: {{connect_ms: 3000, first_byte_ms: {}, idle_ms: 10000}}\n{}",
+                "  - name: {}\n    kind: {}\n    base_url: {}\n    api_key: ${{TEST_PROVIDER_KEY}}\n    models: [{}]\n    timeouts: {{connect_ms: 3000, first_byte_ms: {}, idle_ms: 10000, total_ms: {}}}\n{}",
                 p.name,
                 p.kind,
                 p.base_url,
                 p.models.join(", "),
                 p.first_byte_ms,
+                p.total_ms,
                 p.extra
             ));
         }

@@ -32,6 +32,7 @@ impl Hooks {
     pub const ON_RESPONSE: Hooks = Hooks(1 << 5);
     pub const ON_EVENT: Hooks = Hooks(1 << 6);
     pub const ON_COMPLETE: Hooks = Hooks(1 << 7);
+    pub const ON_UPSTREAM_FAILURE: Hooks = Hooks(1 << 8);
 
     pub const fn union(self, other: Hooks) -> Hooks {
         Hooks(self.0 | other.0)
@@ -142,6 +143,11 @@ pub trait Plugin: Send + Sync + 'static {
 
     /// When an upstream's status line arrived (fallbacks included).
     fn on_upstream_status(&self, _candidate: &Candidate, _status: u16, _ex: &mut Exchange) {}
+
+    /// When an attempt failed without a status line, or its answer broke off: `kind` is
+    /// `no_address`, `connect`, `timeout`, `reset` or `bad_response` (the labels of
+    /// `komilion_upstream_errors_total`), or `breaker_open` for a candidate skipped unasked.
+    fn on_upstream_failure(&self, _candidate: &Candidate, _kind: &'static str, _ex: &mut Exchange) {}
 
     /// Just before the response header goes to the client, for every response: upstream,
     /// local and error. Add headers here.
