@@ -15,20 +15,6 @@ use std::time::Duration;
 const CLAUDE: &str = "claude-sonnet-4-5";
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// A simulated provider (it speaks Anthropic at `/v1/messages`) that requires [`PROVIDER_KEY`].
-async fn simulated(behavior: Behavior) -> MockProvider {
-    MockProvider::start(
-        MockConfig {
-            api_key: Some(PROVIDER_KEY.into()),
-            behavior,
-            ..MockConfig::default()
-        },
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-    )
-    .await
-    .unwrap()
-}
-
 fn anthropic(name: &str, mock: &MockProvider) -> ProviderSpec {
     ProviderSpec::new(name, mock.base_url(), &[CLAUDE]).of_kind("anthropic")
 }
@@ -63,7 +49,7 @@ fn weather_tool() -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_anthropic_model_serves_openai_clients_whole_and_streamed() {
-    let mock = simulated(Behavior::default()).await;
+    let mock = mock_provider(Behavior::default()).await;
     let gw = GatewayProcess::start(&[anthropic("claude", &mock)], "");
 
     let (status, whole) = post_json(&gw, CLIENT_KEY, &chat_body(CLAUDE, "hello", false)).await;
@@ -127,7 +113,7 @@ async fn an_anthropic_model_serves_openai_clients_whole_and_streamed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_calls_go_both_ways() {
-    let mock = simulated(Behavior::default()).await;
+    let mock = mock_provider(Behavior::default()).await;
     let gw = GatewayProcess::start(&[anthropic("claude", &mock)], "");
     let ask = json!({"model": CLAUDE, "messages": [{"role": "user", "content": "weather in Paris?"}],
                      "tools": weather_tool()});
@@ -190,7 +176,7 @@ async fn errors_reach_openai_clients_in_openai_shape_without_the_provider_key() 
     let mut mocks = Vec::new();
     let mut specs = Vec::new();
     for (model, behavior) in &faults {
-        let mock = simulated(serde_json::from_value(behavior.clone()).unwrap()).await;
+        let mock = mock_provider(serde_json::from_value(behavior.clone()).unwrap()).await;
         specs.push(ProviderSpec::new(model, mock.base_url(), &[model]).of_kind("anthropic"));
         mocks.push(mock);
     }
@@ -250,12 +236,12 @@ async fn errors_reach_openai_clients_in_openai_shape_without_the_provider_key() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_from_anthropic_falls_back_to_an_openai_provider_and_is_billed_once() {
     let (_dir, url) = sqlite_url();
-    let failing = simulated(Behavior {
+    let failing = mock_provider(Behavior {
         fail_status: Some(429),
         ..Behavior::default()
     })
     .await;
-    let openai = simulated(Behavior::default()).await;
+    let openai = mock_provider(Behavior::default()).await;
     let (gw, admin) = GatewayProcess::with_store(
         &[
             anthropic("claude", &failing),
@@ -313,8 +299,8 @@ async fn provider_usage(twin: &MockProvider, body: &Value) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prompt_cache_reads_and_writes_are_billed_as_anthropic_bills_them_streamed_or_not() {
     let (_dir, url) = sqlite_url();
-    let mock = simulated(Behavior::default()).await;
-    let twin = simulated(Behavior::default()).await;
+    let mock = mock_provider(Behavior::default()).await;
+    let twin = mock_provider(Behavior::default()).await;
     let (gw, admin) = GatewayProcess::with_store(&[anthropic("claude", &mock)], &url, STORE_PLUGINS, "");
     let (account, _, secret) = admin.account_with_key(json!({"name": "m"}), Some("5")).await;
     let long_context = "The gateway keeps an exact ledger of every token. ".repeat(200);
@@ -445,7 +431,7 @@ fn named_events(raw: &str) -> Vec<(String, Value)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_messages_surface_is_metered_and_billed_like_chat_from_either_format() {
     let (_dir, url) = sqlite_url();
-    let mock = simulated(Behavior::default()).await;
+    let mock = mock_provider(Behavior::default()).await;
     let (gw, admin) = GatewayProcess::with_store(
         &[
             anthropic("claude", &mock),
@@ -519,8 +505,8 @@ async fn the_messages_surface_is_metered_and_billed_like_chat_from_either_format
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_messages_surface_answers_errors_in_anthropic_shape() {
-    let mock = simulated(Behavior::default()).await;
-    let reset = simulated(Behavior {
+    let mock = mock_provider(Behavior::default()).await;
+    let reset = mock_provider(Behavior {
         reset_after: Some(2),
         ..Behavior::default()
     })
@@ -670,7 +656,7 @@ fn gemini(name: &str, mock: &MockProvider) -> ProviderSpec {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gemini_model_serves_both_surfaces_with_tools_and_usage() {
     let (_dir, url) = sqlite_url();
-    let mock = simulated(Behavior::default()).await;
+    let mock = mock_provider(Behavior::default()).await;
     let (gw, admin) = GatewayProcess::with_store(&[gemini("google", &mock)], &url, STORE_PLUGINS, "");
     let (account, _, secret) = admin.account_with_key(json!({"name": "m"}), Some("5")).await;
 
@@ -746,7 +732,7 @@ async fn a_gemini_model_serves_both_surfaces_with_tools_and_usage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_azure_deployment_is_spliced_like_openai_on_its_own_url() {
-    let mock = simulated(Behavior::default()).await;
+    let mock = mock_provider(Behavior::default()).await;
     let gw = GatewayProcess::start(
         &[
             ProviderSpec::new("azure", format!("http://{}", mock.addr()), &["gpt-4o-mini"])
@@ -772,4 +758,57 @@ async fn an_azure_deployment_is_spliced_like_openai_on_its_own_url() {
     let (status, message) = status_and_json(resp).await;
     assert_eq!(status, 200, "{message}");
     assert_eq!(message["type"], "message");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cohere_model_serves_both_surfaces_with_tools() {
+    let mock = mock_provider(Behavior::default()).await;
+    let gw = GatewayProcess::start(
+        &[ProviderSpec::new("cohere", format!("http://{}/v2", mock.addr()), &["command-a-03-2025"]).of_kind("cohere")],
+        "",
+    );
+    let model = "command-a-03-2025";
+    let (status, whole) = post_json(&gw, CLIENT_KEY, &chat_body(model, "hello", false)).await;
+    assert_eq!(status, 200, "{whole}");
+    let text = whole["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    assert!(text.starts_with("Echo: hello"), "{whole}");
+    assert!(whole["usage"]["prompt_tokens"].as_u64().unwrap() > 0, "{whole}");
+    let seen = mock.recorded().pop().unwrap();
+    assert_eq!(seen.path, "/v2/chat");
+    assert_eq!(
+        seen.header("authorization"),
+        Some(format!("Bearer {PROVIDER_KEY}").as_str())
+    );
+
+    let chunks = stream_chunks(&gw, chat_body(model, "hello", true)).await;
+    let streamed: String = chunks
+        .iter()
+        .flat_map(|c| &c.choices)
+        .filter_map(|c| c.delta.content.as_deref())
+        .collect();
+    assert_eq!(streamed, text);
+
+    let mut ask =
+        json!({"model": model, "messages": [{"role": "user", "content": "weather?"}], "tools": weather_tool()});
+    let (status, called) = post_json(&gw, CLIENT_KEY, &ask).await;
+    assert_eq!(status, 200, "{called}");
+    assert_eq!(called["choices"][0]["finish_reason"], "tool_calls", "{called}");
+    ask["stream"] = json!(true);
+    let chunks = stream_chunks(&gw, ask).await;
+    let joined: String = chunks
+        .iter()
+        .flat_map(|c| &c.choices)
+        .flat_map(|c| c.delta.tool_calls.iter().flatten())
+        .filter_map(|c| c.function.as_ref()?.arguments.clone())
+        .collect();
+    let args: Value = serde_json::from_str(&joined).unwrap();
+    assert!(args["city"].is_string(), "{args}");
+
+    let resp = post_messages(&gw, CLIENT_KEY, &messages_body(model, false, json!({}))).await;
+    let (status, message) = status_and_json(resp).await;
+    assert_eq!(status, 200, "{message}");
+    assert!(message["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("Echo: hello"));
 }

@@ -6,22 +6,8 @@
 mod common;
 
 use common::*;
-use komilion::mock_provider::{Behavior, MockConfig, MockProvider};
-use std::net::SocketAddr;
+use komilion::mock_provider::Behavior;
 use std::process::Command;
-
-async fn simulated(behavior: Behavior) -> MockProvider {
-    MockProvider::start(
-        MockConfig {
-            api_key: Some(PROVIDER_KEY.into()),
-            behavior,
-            ..MockConfig::default()
-        },
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-    )
-    .await
-    .unwrap()
-}
 
 /// Run one SDK script; its output is shown when it fails.
 fn run_sdk(script: &str, gw: &GatewayProcess, model: &str, failing: &str) {
@@ -44,8 +30,8 @@ fn run_sdk(script: &str, gw: &GatewayProcess, model: &str, failing: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_sdks_work_against_every_provider_format() {
-    let mock = simulated(Behavior::default()).await;
-    let failing = simulated(Behavior {
+    let mock = mock_provider(Behavior::default()).await;
+    let failing = mock_provider(Behavior {
         fail_status: Some(429),
         ..Behavior::default()
     })

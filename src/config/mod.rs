@@ -365,12 +365,6 @@ fn validate_provider(p: ProviderSection, at: &str, issues: &mut Vec<ConfigIssue>
             "must be non-empty and contain no `/`",
         ));
     }
-    if p.kind == ProviderKind::Cohere {
-        issues.push(ConfigIssue::new(
-            format!("{at}.kind"),
-            "provider kind `cohere` is not supported yet (supported: openai, anthropic, gemini, azure)",
-        ));
-    }
     if p.kind != ProviderKind::Azure && (p.api_version.is_some() || !p.deployments.is_empty()) {
         issues.push(ConfigIssue::new(
             format!("{at}.api_version"),
@@ -578,7 +572,7 @@ providers:
     api_key: ${MISSING_VAR}
     colour: blue
   - name: b
-    kind: cohere
+    kind: bedrock
     base_url: http://localhost:1/v1
     api_key: k
 typo: 1

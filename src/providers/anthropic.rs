@@ -97,7 +97,7 @@ impl ProviderAdapter for Anthropic {
         if request.stream {
             body.insert("stream".into(), json!(true));
         }
-        serde_json::to_vec(&body).map_err(|e| ApiError::new(komilion_sdk::ErrorKind::Internal, e.to_string()))
+        super::body_bytes(&body)
     }
 
     fn decode_answer(&self, body: &[u8]) -> Result<Answer, String> {

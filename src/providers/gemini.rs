@@ -102,7 +102,7 @@ impl ProviderAdapter for Gemini {
         if !generation.is_empty() {
             body.insert("generationConfig".into(), Value::Object(generation));
         }
-        serde_json::to_vec(&body).map_err(|e| ApiError::new(komilion_sdk::ErrorKind::Internal, e.to_string()))
+        super::body_bytes(&body)
     }
 
     fn decode_answer(&self, body: &[u8]) -> Result<Answer, String> {

@@ -13,6 +13,7 @@ pub mod anthropic;
 pub mod azure;
 pub mod breaker;
 pub mod byok;
+pub mod cohere;
 pub mod gemini;
 pub mod openai;
 pub mod translate;
@@ -75,9 +76,59 @@ pub fn adapter_for(config: &ProviderConfig) -> Box<dyn ProviderAdapter> {
         ProviderKind::Anthropic => Box::new(anthropic::Anthropic),
         ProviderKind::Gemini => Box::new(gemini::Gemini),
         ProviderKind::Azure => Box::new(azure::Azure::new(config)),
-        // Refused by the config's validation until its adapter exists.
-        ProviderKind::Cohere => Box::new(openai::OpenAi),
+        ProviderKind::Cohere => Box::new(cohere::Cohere),
     }
+}
+
+/// The names a format gives the settings that sit at the top level of its request body.
+pub(crate) struct TopLevelNames {
+    pub top_p: &'static str,
+    pub stop: &'static str,
+    /// Where `{"type": "json_object"}` goes, when the format has it.
+    pub json_output: Option<&'static str>,
+}
+
+/// Write the request's output cap, sampling settings, stop sequences, JSON mode and stream
+/// flag under `names`, then the body as bytes.
+pub(crate) fn finish_body(
+    mut body: serde_json::Map<String, serde_json::Value>,
+    request: &Request,
+    names: TopLevelNames,
+) -> Result<Vec<u8>, ApiError> {
+    use serde_json::json;
+    if let Some(max) = request.max_tokens {
+        body.insert("max_tokens".into(), json!(max));
+    }
+    if let Some(t) = request.temperature {
+        body.insert("temperature".into(), json!(t));
+    }
+    if let Some(p) = request.top_p {
+        body.insert(names.top_p.into(), json!(p));
+    }
+    if !request.stop.is_empty() {
+        body.insert(names.stop.into(), json!(request.stop));
+    }
+    if let (true, Some(field)) = (request.json_output, names.json_output) {
+        body.insert(field.into(), json!({"type": "json_object"}));
+    }
+    if request.stream {
+        body.insert("stream".into(), json!(true));
+    }
+    body_bytes(&body)
+}
+
+/// A request body as bytes.
+pub(crate) fn body_bytes(body: &serde_json::Map<String, serde_json::Value>) -> Result<Vec<u8>, ApiError> {
+    serde_json::to_vec(body).map_err(|e| ApiError::new(komilion_sdk::ErrorKind::Internal, e.to_string()))
+}
+
+/// A tool as an OpenAI-style function tool (OpenAI and Cohere write them alike).
+pub(crate) fn function_tool(tool: &crate::formats::canonical::ToolDef) -> serde_json::Value {
+    let mut function = serde_json::json!({"name": tool.name, "parameters": tool.parameters});
+    if let Some(d) = &tool.description {
+        function["description"] = serde_json::json!(d);
+    }
+    serde_json::json!({"type": "function", "function": function})
 }
 
 /// The message of a provider's JSON error body, at `pointer`, cut to a sane length; the whole

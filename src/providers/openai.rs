@@ -5,7 +5,7 @@
 //! byte for byte. It serves the other surfaces (Anthropic's Messages): the canonical request
 //! written as chat completions, and chat completions answers, chunks and errors read back.
 
-use super::{error_message, ProviderAdapter, StreamDecoder};
+use super::{error_message, finish_body, function_tool, ProviderAdapter, StreamDecoder, TopLevelNames};
 use crate::formats::canonical::{Answer, Event, Part, Request, Role, StopReason, ToolChoice};
 use crate::formats::error_kind_for_status;
 use crate::metering::OpenAiUsage;
@@ -45,11 +45,7 @@ impl ProviderAdapter for OpenAi {
                 .tools
                 .iter()
                 .map(|t| {
-                    let mut function = json!({"name": t.name, "parameters": t.parameters});
-                    if let Some(d) = &t.description {
-                        function["description"] = json!(d);
-                    }
-                    let mut tool = json!({"type": "function", "function": function});
+                    let mut tool = function_tool(t);
                     if let Some(c) = &t.cache {
                         tool["cache_control"] = c.to_json();
                     }
@@ -67,25 +63,15 @@ impl ProviderAdapter for OpenAi {
                 body.insert("tool_choice".into(), choice);
             }
         }
-        if let Some(max) = request.max_tokens {
-            body.insert("max_tokens".into(), json!(max));
-        }
-        if let Some(t) = request.temperature {
-            body.insert("temperature".into(), json!(t));
-        }
-        if let Some(p) = request.top_p {
-            body.insert("top_p".into(), json!(p));
-        }
-        if !request.stop.is_empty() {
-            body.insert("stop".into(), json!(request.stop));
-        }
-        if request.json_output {
-            body.insert("response_format".into(), json!({"type": "json_object"}));
-        }
-        if request.stream {
-            body.insert("stream".into(), json!(true));
-        }
-        serde_json::to_vec(&body).map_err(|e| ApiError::new(komilion_sdk::ErrorKind::Internal, e.to_string()))
+        finish_body(
+            body,
+            request,
+            TopLevelNames {
+                top_p: "top_p",
+                stop: "stop",
+                json_output: Some("response_format"),
+            },
+        )
     }
 
     fn decode_answer(&self, body: &[u8]) -> Result<Answer, String> {
