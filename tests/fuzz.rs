@@ -1,8 +1,8 @@
 #![allow(clippy::unwrap_used)]
 //! Fuzz targets for the code that reads what clients and providers send: the SSE splitter, the
 //! stream meter (usage found in a stream, and the events it rewrites), the chat body parser and
-//! its splice, the usage extractor of JSON answers, and the Stripe event parser and signature
-//! check.
+//! its splice, the usage extractor of JSON answers, every provider adapter's stream translation
+//! and answer decoder, and the Stripe event parser and signature check.
 //!
 //! They run under `cargo test`, so CI runs them, each for a bounded time. A target first replays
 //! every file of its corpus (`fuzz/corpus/<dir>/`), then, until its time is up, random
@@ -1202,6 +1202,64 @@ fn usage_body() {
     let files = corpus_bytes("usage");
     let seeds: Vec<Vec<u8>> = files.iter().cloned().collect();
     fuzz("usage_body", seeds, mutations(files), |b: &Vec<u8>| usage_property(b));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Providers of other formats: their streams translated, their answers decoded.
+
+/// Whatever a provider sends, its translation is a well-formed OpenAI stream: every event is
+/// `data: <a JSON object>` or `data: [DONE]`, nothing follows `[DONE]`; a malformed or
+/// oversized event stops the translation with an error instead. Whole answers decode or are
+/// refused, never panic. Memory stays within a bound of the input.
+fn provider_property(body: &[u8]) -> Result<(), String> {
+    use komilion::providers::translate::StreamTranslator;
+    use komilion::providers::{anthropic::Anthropic, cohere::Cohere, gemini::Gemini, openai::OpenAi, ProviderAdapter};
+    let adapters: [&dyn ProviderAdapter; 4] = [&Anthropic, &Gemini, &Cohere, &OpenAi];
+    for adapter in adapters {
+        let (out, peak) = peak_of(|| {
+            let _ = adapter.decode_answer(body);
+            let _ = adapter.decode_error(500, body);
+            let mut t = StreamTranslator::new(adapter, "m", 1, 16 * 1024);
+            let mut out = Vec::new();
+            for piece in body.chunks(700) {
+                match t.feed(piece) {
+                    Ok(bytes) => out.extend(bytes),
+                    Err(_) => return out,
+                }
+            }
+            if let Ok(bytes) = t.finish() {
+                out.extend(bytes);
+            }
+            out
+        });
+        within("a stream translator", peak, 32 * body.len() + 256 * 1024)?;
+        let text = String::from_utf8(out).map_err(|e| format!("the translation is not UTF-8: {e}"))?;
+        let mut done = false;
+        for event in text.split("\n\n").filter(|e| !e.is_empty()) {
+            ensure!(!done, "an event after [DONE]: {event}");
+            let data = event
+                .strip_prefix("data: ")
+                .ok_or_else(|| format!("an event that is not one data line: {event:?}"))?;
+            ensure!(!data.contains('\n'), "an event of several lines: {event:?}");
+            if data == "[DONE]" {
+                done = true;
+                continue;
+            }
+            let v: Value =
+                serde_json::from_str(data).map_err(|e| format!("an event that is not JSON ({e}): {data}"))?;
+            ensure!(v.is_object(), "an event that is not a JSON object: {data}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn provider_streams() {
+    let files = corpus_bytes("provider_streams");
+    let seeds: Vec<Vec<u8>> = files.iter().cloned().collect();
+    fuzz("provider_streams", seeds, mutations(files), |b: &Vec<u8>| {
+        provider_property(b)
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
