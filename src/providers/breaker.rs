@@ -135,8 +135,9 @@ impl Breaker {
     }
 }
 
-/// The breakers that have seen traffic, by provider and model.
-type BreakerTable = HashMap<(String, String), Arc<Mutex<Breaker>>>;
+/// The breakers that have seen traffic, by provider then model (looked up by `&str`, so a
+/// request allocates nothing to find its breaker).
+type BreakerTable = HashMap<String, HashMap<String, Arc<Mutex<Breaker>>>>;
 
 /// Every provider's and model's breaker.
 pub struct Breakers {
@@ -158,13 +159,19 @@ impl Breakers {
     }
 
     fn breaker(&self, provider: &str, model: &str, now: Instant) -> Arc<Mutex<Breaker>> {
-        let key = (provider.to_owned(), model.to_owned());
-        if let Some(b) = self.by_key.read().ok().and_then(|m| m.get(&key).cloned()) {
+        let found = self
+            .by_key
+            .read()
+            .ok()
+            .and_then(|m| m.get(provider).and_then(|models| models.get(model)).cloned());
+        if let Some(b) = found {
             return b;
         }
         match self.by_key.write() {
             Ok(mut map) => map
-                .entry(key)
+                .entry(provider.to_owned())
+                .or_default()
+                .entry(model.to_owned())
                 .or_insert_with(|| Arc::new(Mutex::new(Breaker::new(now))))
                 .clone(),
             // A poisoned table: a breaker of its own, so requests still flow.
@@ -262,7 +269,8 @@ impl Breakers {
         };
         let mut out: Vec<_> = map
             .iter()
-            .filter_map(|((p, m), b)| {
+            .flat_map(|(p, models)| models.iter().map(move |(m, b)| (p, m, b)))
+            .filter_map(|(p, m, b)| {
                 let b = b.lock().ok()?;
                 // An open breaker whose cooldown is over lets the next request probe.
                 let state = match b.state {
