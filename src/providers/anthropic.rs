@@ -7,7 +7,7 @@
 //! splits input into fresh, cache-read and cache-written tokens; a stream is typed events
 //! (`message_start`, `content_block_*`, `message_delta`, `message_stop`, `ping`, `error`).
 
-use super::{error_message, ProviderAdapter, StreamDecoder};
+use super::{error_message, event_json, ProviderAdapter, StreamDecoder};
 use crate::formats::canonical::{Answer, Event, ImageSource, Part, Request, Role, StopReason, ToolChoice};
 use crate::formats::error_kind_for_status;
 use crate::sse::SseEvent;
@@ -312,12 +312,9 @@ fn error_status(kind: &str) -> u16 {
 
 impl StreamDecoder for AnthropicStream {
     fn decode(&mut self, event: &SseEvent<'_>, out: &mut Vec<Event>) -> Result<(), String> {
-        let data = event.data.trim();
-        if data.is_empty() {
+        let Some(wire) = event_json::<WireEvent>(event)? else {
             return Ok(());
-        }
-        let wire: WireEvent = serde_json::from_str(data)
-            .map_err(|e| format!("the provider sent an event that is not valid JSON ({e})"))?;
+        };
         match wire.kind.as_str() {
             "message_start" => {
                 let message = wire.message.ok_or("`message_start` without its message")?;

@@ -8,7 +8,7 @@
 //! `content-delta`, `tool-call-start`/`-delta`/`-end`, `message-end` with the usage (or with
 //! `finish_reason` `ERROR` and an `error` when it failed after its 200).
 
-use super::{error_message, finish_body, function_tool, ProviderAdapter, StreamDecoder, TopLevelNames};
+use super::{error_message, event_json, finish_body, function_tool, ProviderAdapter, StreamDecoder, TopLevelNames};
 use crate::formats::canonical::{Answer, Event, ImageSource, Part, Request, Role, StopReason, ToolChoice};
 use crate::formats::error_kind_for_status;
 use crate::sse::SseEvent;
@@ -223,12 +223,9 @@ struct CohereStream {
 
 impl StreamDecoder for CohereStream {
     fn decode(&mut self, event: &SseEvent<'_>, out: &mut Vec<Event>) -> Result<(), String> {
-        let data = event.data.trim();
-        if data.is_empty() {
+        let Some(wire) = event_json::<WireEvent>(event)? else {
             return Ok(());
-        }
-        let wire: WireEvent = serde_json::from_str(data)
-            .map_err(|e| format!("the provider sent an event that is not valid JSON ({e})"))?;
+        };
         let delta = wire.delta.unwrap_or(Value::Null);
         let message = &delta["message"];
         match wire.kind.as_str() {

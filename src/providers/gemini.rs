@@ -8,7 +8,7 @@
 //! `usageMetadata`, whose prompt count includes cached tokens and whose thinking tokens are
 //! billed as output.
 
-use super::{error_message, ProviderAdapter, StreamDecoder};
+use super::{error_message, event_json, ProviderAdapter, StreamDecoder};
 use crate::formats::canonical::{Answer, Event, ImageSource, Part, Request, Role, StopReason, ToolChoice};
 use crate::formats::error_kind_for_status;
 use crate::sse::SseEvent;
@@ -326,12 +326,12 @@ struct GeminiStream {
 
 impl StreamDecoder for GeminiStream {
     fn decode(&mut self, event: &SseEvent<'_>, out: &mut Vec<Event>) -> Result<(), String> {
-        let data = event.data.trim();
-        if data.is_empty() || self.done {
+        if self.done {
             return Ok(());
         }
-        let chunk: WireResponse = serde_json::from_str(data)
-            .map_err(|e| format!("the provider sent an event that is not valid JSON ({e})"))?;
+        let Some(chunk) = event_json::<WireResponse>(event)? else {
+            return Ok(());
+        };
         if let Some(error) = chunk.error {
             out.push(Event::Error {
                 status: error.code.unwrap_or(500),

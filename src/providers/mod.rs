@@ -131,6 +131,18 @@ pub(crate) fn function_tool(tool: &crate::formats::canonical::ToolDef) -> serde_
     serde_json::json!({"type": "function", "function": function})
 }
 
+/// One stream event's data as `T`: None for an event without data (a keep-alive or comment),
+/// an error for data that is not what the format sends.
+pub(crate) fn event_json<T: serde::de::DeserializeOwned>(event: &SseEvent<'_>) -> Result<Option<T>, String> {
+    let data = event.data.trim();
+    if data.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str(data)
+        .map(Some)
+        .map_err(|e| format!("the provider sent an event that is not valid JSON ({e})"))
+}
+
 /// The message of a provider's JSON error body, at `pointer`, cut to a sane length; the whole
 /// body (cut) when it is not JSON.
 pub(crate) fn error_message(body: &[u8], pointer: &str) -> String {
