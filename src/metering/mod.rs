@@ -73,11 +73,16 @@ pub fn cost(price: &ModelPrice, usage: &Usage) -> NanoUsd {
     let cached = usage.cached_input_tokens.min(usage.input_tokens);
     let written = usage.cache_write_input_tokens.min(usage.input_tokens - cached);
     let written_1h = usage.cache_write_1h_input_tokens.min(written);
-    token_cost(usage.input_tokens - cached - written, price.input)
-        + token_cost(cached, price.cached_input)
-        + token_cost(written - written_1h, price.cache_write_input)
-        + token_cost(written_1h, price.cache_write_1h_input)
-        + token_cost(usage.output_tokens, price.output)
+    // Saturating: a provider's absurd counts cap the cost instead of wrapping it.
+    [
+        token_cost(usage.input_tokens - cached - written, price.input),
+        token_cost(cached, price.cached_input),
+        token_cost(written - written_1h, price.cache_write_input),
+        token_cost(written_1h, price.cache_write_1h_input),
+        token_cost(usage.output_tokens, price.output),
+    ]
+    .into_iter()
+    .fold(0, NanoUsd::saturating_add)
 }
 
 #[cfg(test)]

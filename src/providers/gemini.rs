@@ -297,12 +297,13 @@ struct WireUsage {
 
 impl WireUsage {
     fn into_usage(self) -> Usage {
-        let input = self.prompt_token_count + self.tool_use_prompt_token_count;
+        // A provider's numbers are not trusted not to overflow.
+        let input = self.prompt_token_count.saturating_add(self.tool_use_prompt_token_count);
         Usage {
             input_tokens: input,
             cached_input_tokens: self.cached_content_token_count.min(input),
             // Thinking is billed at the output price.
-            output_tokens: self.candidates_token_count + self.thoughts_token_count,
+            output_tokens: self.candidates_token_count.saturating_add(self.thoughts_token_count),
             reasoning_tokens: self.thoughts_token_count,
             ..Usage::default()
         }

@@ -159,7 +159,7 @@ impl Gateway {
             }
             None => 0,
         };
-        if ex.usage.input_tokens + ex.usage.output_tokens > 0 {
+        if ex.usage.input_tokens > 0 || ex.usage.output_tokens > 0 {
             let labels = [
                 ex.provider.as_deref().unwrap_or(""),
                 self.models.metric_label(model, &self.pricing),
