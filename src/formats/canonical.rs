@@ -183,14 +183,16 @@ pub struct Answer {
 impl Answer {
     /// All text of the answer.
     pub fn text(&self) -> String {
-        self.parts
-            .iter()
-            .filter_map(|p| match p {
-                Part::Text { text, .. } => Some(text.as_str()),
-                _ => None,
-            })
-            .collect()
+        texts(&self.parts).collect()
     }
+}
+
+/// The text parts among `parts`, in order.
+pub fn texts(parts: &[Part]) -> impl Iterator<Item = &str> {
+    parts.iter().filter_map(|p| match p {
+        Part::Text { text, .. } => Some(text.as_str()),
+        _ => None,
+    })
 }
 
 /// One step of a streamed answer.

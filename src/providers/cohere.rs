@@ -9,7 +9,7 @@
 //! `finish_reason` `ERROR` and an `error` when it failed after its 200).
 
 use super::{error_message, event_json, finish_body, function_tool, ProviderAdapter, StreamDecoder, TopLevelNames};
-use crate::formats::canonical::{Answer, Event, ImageSource, Part, Request, Role, StopReason, ToolChoice};
+use crate::formats::canonical::{texts, Answer, Event, Part, Request, Role, StopReason, ToolChoice};
 use crate::formats::error_kind_for_status;
 use crate::sse::SseEvent;
 use komilion_sdk::{ApiError, Usage};
@@ -41,10 +41,7 @@ impl ProviderAdapter for Cohere {
                 match part {
                     Part::Text { text, .. } => content.push(json!({"type": "text", "text": text})),
                     Part::Image { source, .. } => content.push(json!({
-                        "type": "image_url", "image_url": {"url": match source {
-                            ImageSource::Url(url) => url.clone(),
-                            other => other.to_url(),
-                        }}
+                        "type": "image_url", "image_url": {"url": source.to_url()}
                     })),
                     Part::ToolCall { id, name, arguments } => calls.push(json!({
                         "id": id, "type": "function", "function": {"name": name, "arguments": arguments},
@@ -128,14 +125,7 @@ impl ProviderAdapter for Cohere {
 }
 
 fn text_of(parts: &[Part]) -> String {
-    parts
-        .iter()
-        .filter_map(|p| match p {
-            Part::Text { text, .. } => Some(text.as_str()),
-            _ => None,
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    texts(parts).collect::<Vec<_>>().join("\n")
 }
 
 fn finish_reason(reason: &str) -> StopReason {

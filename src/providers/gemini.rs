@@ -9,7 +9,7 @@
 //! billed as output.
 
 use super::{error_message, event_json, ProviderAdapter, StreamDecoder};
-use crate::formats::canonical::{Answer, Event, ImageSource, Part, Request, Role, StopReason, ToolChoice};
+use crate::formats::canonical::{texts, Answer, Event, ImageSource, Part, Request, Role, StopReason, ToolChoice};
 use crate::formats::error_kind_for_status;
 use crate::sse::SseEvent;
 use komilion_sdk::{ApiError, Usage};
@@ -168,14 +168,7 @@ fn part(p: &Part, request: &Request) -> Option<Value> {
             json!({"functionCall": {"name": name, "args": args}})
         }
         Part::ToolResult { call_id, content, .. } => {
-            let text: String = content
-                .iter()
-                .filter_map(|c| match c {
-                    Part::Text { text, .. } => Some(text.as_str()),
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
-                .join("\n");
+            let text = texts(content).collect::<Vec<_>>().join("\n");
             json!({"functionResponse": {"name": function_name(request, call_id), "response": {"content": text}}})
         }
     })
